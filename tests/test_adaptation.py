@@ -1,0 +1,64 @@
+"""The SLO planner: best quality that fits, slack carried forward, recompute when nothing fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.adaptation import RECOMPUTE, AdaptivePlanner
+
+SIZES = [{0: 1000, 1: 400, 2: 250, 3: 150, 4: 100}] * 10
+
+
+def test_picks_the_best_level_that_fits() -> None:
+    plan = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2500).plan(0, 1.0)
+    assert plan.fits and set(plan.levels) == {2}
+    plan = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=1e6).plan(0, 1.0)
+    assert set(plan.levels) == {0}
+
+
+def test_mixed_plan_uses_the_budget_between_two_levels() -> None:
+    # 10 chunks at level 2 need 2500 B; give 2000 B worth of time -> a mix of levels 2 and 3.
+    plan = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2000).plan(0, 1.0)
+    assert plan.fits and set(plan.levels) == {2, 3} and plan.seconds <= 1.0
+    assert list(plan.levels) == sorted(plan.levels)  # better quality first, then one step down
+
+
+def test_slack_is_carried_forward() -> None:
+    p = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2500)
+    assert p.choose(5, elapsed_seconds=0.5) == 2  # on schedule
+    assert p.choose(5, elapsed_seconds=0.1) < 2  # ahead of schedule: spend the slack on quality
+
+
+def test_bandwidth_drop_steps_quality_down() -> None:
+    p = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2500)
+    before = p.choose(3, elapsed_seconds=0.3)
+    for _ in range(3):
+        p.observe(100, 0.2)  # 500 B/s measured
+    assert p.bandwidth < 1000
+    assert p.choose(3, elapsed_seconds=0.3) > before or p.choose(3, 0.3) == RECOMPUTE
+
+
+def test_head_recompute_overlaps_streaming_when_nothing_fits() -> None:
+    plan = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=500, recompute_seconds=0.15).plan(0, 1.0)
+    assert plan.fits
+    r = plan.levels.count(RECOMPUTE)
+    assert r > 0 and plan.levels[:r] == (RECOMPUTE,) * r and set(plan.levels[r:]) == {4}
+
+
+def test_without_recompute_reports_the_miss() -> None:
+    plan = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=100).plan(0, 1.0)
+    assert not plan.fits and set(plan.levels) == {4}
+
+
+def test_missing_levels_fall_back_to_a_smaller_stored_level() -> None:
+    sizes = [{0: 1000, 3: 150}] * 4
+    plan = AdaptivePlanner(sizes, 1.0, bandwidth_bps=1000).plan(0, 1.0)
+    assert set(plan.levels) <= {0, 3} and plan.fits
+
+
+@pytest.mark.parametrize("kwargs", [{"slo_seconds": 0}, {"bandwidth_bps": 0}, {"alpha": 0}])
+def test_bad_arguments(kwargs: dict[str, float]) -> None:
+    args: dict[str, float] = {"slo_seconds": 1.0, "bandwidth_bps": 1.0, **kwargs}
+    slo = args.pop("slo_seconds")
+    with pytest.raises(ValueError):
+        AdaptivePlanner(SIZES, slo, **args)  # type: ignore[arg-type]
