@@ -1,0 +1,536 @@
+"""The inference-node client: store and fetch KV caches of reusable contexts over gRPC.
+
+Two flavours with the same methods, like redis-py: ``AsyncKVCacheClient`` (asyncio) and
+``KVCacheClient`` (blocking; it drives the async client on a private event-loop thread, so both share
+one implementation)::
+
+    from client import KVCacheClient
+    from kvstore.keys import ModelKey
+
+    model = ModelKey("stories260K", chunk_tokens=64)
+    with KVCacheClient("127.0.0.1:50551") as kvs:
+        kvs.store(model, token_ids, kv)                  # kv [layers, 2, tokens, kv_heads, head_dim]
+        res = kvs.fetch(model, token_ids, level=0)       # res.kv covers res.prefix_tokens tokens
+
+Fetches are pipelined: chunk ``i+1`` is received while chunk ``i`` decodes on a worker thread, and a
+stream that breaks part-way resumes on the next address from the last verified chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+import xxhash
+
+import codec
+from kvstore.keys import ModelKey, token_array
+from kvstore.rpc import pb, pb_grpc
+from kvstore.wire import DEFAULT_PART_BYTES, model_to_pb, split_parts
+
+T = TypeVar("T")
+
+# Statuses after which the same request may succeed on another front end.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.DATA_LOSS,
+}
+
+
+class KVStreamError(RuntimeError):
+    """A request failed; ``code`` is the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    prefix_chunks: int
+    prefix_tokens: int
+    chunk_tokens: int
+    chunks: list[pb.ChunkInfo]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    context_id: bytes
+    stored_chunks: int
+    stored_tokens: int
+    bytes_written: int
+    dedup_chunks: int
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """What happened to one chunk of a fetch."""
+
+    index: int
+    level: int
+    nbytes: int
+    recv_seconds: float  # first part requested/received -> last part received
+    decode_seconds: float
+    recompute: bool = False
+
+
+@dataclass
+class FetchResult:
+    """A fetched prefix.
+
+    ``kv`` is ``[layers, 2, prefix_tokens, kv_heads, head_dim]`` in the stored dtype on ``device``
+    (``None`` when nothing was found). ``recompute`` lists token ranges ``[start, end)`` inside the prefix
+    that the server asked the caller to prefill locally (their KV slots are zero). ``truncated`` says
+    the server found fewer verified chunks than its index promised (``reason`` says why).
+    """
+
+    kv: torch.Tensor | None
+    prefix_tokens: int
+    chunks: list[ChunkReport] = field(default_factory=list)
+    recompute: list[tuple[int, int]] = field(default_factory=list)
+    truncated: bool = False
+    reason: str = ""
+    seconds: float = 0.0
+
+
+def _tokens_pb(token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> pb.TokenIds:
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.cpu().numpy()
+    return pb.TokenIds(ids=token_array(token_ids).tolist())
+
+
+def _raise(err: grpc.aio.AioRpcError) -> KVStreamError:
+    return KVStreamError(err.code(), err.details() or "")
+
+
+class _BlobAssembler:
+    """Reassembles ``ChunkData`` parts into whole blobs and checks their end-to-end checksum."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.started = 0.0
+
+    def add(self, msg: pb.ChunkData) -> bytes | None:
+        if not self.parts:
+            self.started = time.perf_counter()
+        if msg.offset != self.size:
+            raise KVStreamError(grpc.StatusCode.DATA_LOSS, f"chunk {msg.chunk_index}: part out of order")
+        self.parts.append(msg.data)
+        self.size += len(msg.data)
+        if not msg.last:
+            return None
+        blob = b"".join(self.parts)
+        self.parts, self.size = [], 0
+        if len(blob) != msg.total_size or xxhash.xxh3_64_intdigest(blob) != msg.xxh3_64:
+            raise KVStreamError(grpc.StatusCode.DATA_LOSS, f"chunk {msg.chunk_index}: checksum mismatch")
+        return blob
+
+
+class AsyncKVCacheClient:
+    """asyncio client for one or more equivalent front ends (any front end serves any request)."""
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        namespace: str = "default",
+        timeout: float = 30.0,
+        part_bytes: int = DEFAULT_PART_BYTES,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self.addresses:
+            raise ValueError("at least one server address is required")
+        self.namespace = namespace
+        self.timeout = timeout
+        self.part_bytes = part_bytes
+        opts = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+        self._options = opts + list(channel_options)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._next = 0
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _stub(self, address: str) -> pb_grpc.KVStreamStub:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+        return pb_grpc.KVStreamStub(ch)
+
+    def _rotation(self) -> list[str]:
+        """Addresses starting with the next one in round-robin order (spreads load over front ends)."""
+        start = self._next % len(self.addresses)
+        self._next += 1
+        return self.addresses[start:] + self.addresses[:start]
+
+    async def _unary(self, call: Callable[[pb_grpc.KVStreamStub], Awaitable[T]]) -> T:
+        last: grpc.aio.AioRpcError | None = None
+        for address in self._rotation():
+            try:
+                return await call(self._stub(address))
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRYABLE:
+                    raise _raise(err) from None
+                last = err
+        assert last is not None
+        raise _raise(last)
+
+    def model(self, model: ModelKey | str) -> ModelKey:
+        return model if isinstance(model, ModelKey) else ModelKey(model_id=model, namespace=self.namespace)
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    async def __aenter__(self) -> AsyncKVCacheClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    async def lookup(self, model: ModelKey | str, token_ids: Sequence[int] | np.ndarray) -> LookupResult:
+        """Longest stored prefix of ``token_ids`` and the levels stored for each of its chunks."""
+        req = pb.LookupRequest(model=model_to_pb(self.model(model)), token_ids=_tokens_pb(token_ids))
+        resp = await self._unary(lambda s: s.Lookup(req, timeout=self.timeout))
+        return LookupResult(resp.prefix_chunks, resp.prefix_tokens, resp.chunk_tokens, list(resp.chunks))
+
+    def _ref(
+        self, model: ModelKey | str, token_ids: Any = None, context_id: bytes = b"", name: str = ""
+    ) -> Any:
+        ref = pb.ContextRef(model=model_to_pb(self.model(model)))
+        if token_ids is not None:
+            ref.token_ids.CopyFrom(_tokens_pb(token_ids))
+        elif context_id:
+            ref.context_id = context_id
+        elif name:
+            ref.name = name
+        else:
+            raise ValueError("give token_ids, context_id or name")
+        return ref
+
+    async def get_context(
+        self, model: ModelKey | str, token_ids: Any = None, *, context_id: bytes = b"", name: str = ""
+    ) -> pb.ContextInfo:
+        ref = self._ref(model, token_ids, context_id, name)
+        return await self._unary(lambda s: s.GetContext(ref, timeout=self.timeout))
+
+    async def delete(
+        self, model: ModelKey | str, token_ids: Any = None, *, context_id: bytes = b"", name: str = ""
+    ) -> pb.DeleteResponse:
+        ref = self._ref(model, token_ids, context_id, name)
+        return await self._unary(lambda s: s.Delete(ref, timeout=self.timeout))
+
+    async def pin(
+        self, model: ModelKey | str, token_ids: Any = None, *, context_id: bytes = b"", name: str = ""
+    ) -> pb.PinResponse:
+        req = pb.PinRequest(context=self._ref(model, token_ids, context_id, name))
+        return await self._unary(lambda s: s.Pin(req, timeout=self.timeout))
+
+    async def unpin(
+        self, model: ModelKey | str, token_ids: Any = None, *, context_id: bytes = b"", name: str = ""
+    ) -> pb.PinResponse:
+        req = pb.PinRequest(context=self._ref(model, token_ids, context_id, name))
+        return await self._unary(lambda s: s.Unpin(req, timeout=self.timeout))
+
+    async def ls(
+        self, model_id: str = "", *, namespace: str | None = None, limit: int = 0
+    ) -> list[pb.ContextInfo]:
+        req = pb.ListRequest(namespace=namespace or self.namespace, model_id=model_id, limit=limit)
+        resp = await self._unary(lambda s: s.List(req, timeout=self.timeout))
+        return list(resp.contexts)
+
+    async def stat(self, namespace: str = "") -> pb.StatResponse:
+        req = pb.StatRequest(namespace=namespace)
+        return await self._unary(lambda s: s.Stat(req, timeout=self.timeout))
+
+    # -- store ------------------------------------------------------------------------------------------
+
+    async def store(
+        self,
+        model: ModelKey | str,
+        token_ids: Sequence[int] | np.ndarray,
+        kv: torch.Tensor | None = None,
+        *,
+        levels: Iterable[int] | None = None,
+        blobs: Sequence[dict[int, bytes]] | None = None,
+        sidecars: Sequence[dict[str, bytes]] | None = None,
+        pin: bool = False,
+        ttl: float | None = None,
+        name: str = "",
+        metadata: dict[str, str] | None = None,
+    ) -> StoreResult:
+        """Encode and store the full chunks of a context.
+
+        ``kv`` is ``[layers, 2, tokens, kv_heads, head_dim]`` (its dtype must match ``model.dtype``) and is
+        encoded at ``levels`` (default: every codec level); or pass pre-encoded ``blobs`` (one dict
+        ``level -> codec blob`` per full chunk). ``sidecars`` adds named per-chunk blobs (e.g. sparse
+        indexes). The server makes the context visible only after every blob arrived and verified.
+        """
+        mk = self.model(model)
+        if blobs is None:
+            if kv is None:
+                raise ValueError("give kv or blobs")
+            blobs = codec.encode_context(kv, mk.chunk_tokens, tuple(levels) if levels else codec.LEVELS)
+        header = pb.PutHeader(
+            model=model_to_pb(mk),
+            token_ids=_tokens_pb(token_ids),
+            pin=pin,
+            ttl_seconds=int(ttl or 0),
+            name=name,
+        )
+
+        async def requests() -> AsyncIterator[pb.PutChunksRequest]:
+            yield pb.PutChunksRequest(header=header)
+            for index, per_level in enumerate(blobs):
+                named: list[tuple[int, str, bytes]] = [(lvl, "", b) for lvl, b in sorted(per_level.items())]
+                if sidecars is not None:
+                    named += [(0, nm, b) for nm, b in sorted(sidecars[index].items())]
+                for level, sidecar, blob in named:
+                    for offset, data in split_parts(blob, self.part_bytes):
+                        yield pb.PutChunksRequest(
+                            part=pb.ChunkPart(
+                                chunk_index=index,
+                                level=level,
+                                sidecar=sidecar,
+                                total_size=len(blob),
+                                offset=offset,
+                                data=data,
+                            )
+                        )
+            yield pb.PutChunksRequest(commit=pb.Commit(metadata=metadata or {}))
+
+        resp = await self._unary(lambda s: s.PutChunks(requests(), timeout=self.timeout))
+        return StoreResult(
+            resp.context_id, resp.stored_chunks, resp.stored_tokens, resp.bytes_written, resp.dedup_chunks
+        )
+
+    # -- fetch ------------------------------------------------------------------------------------------
+
+    async def fetch(
+        self,
+        model: ModelKey | str,
+        token_ids: Sequence[int] | np.ndarray,
+        *,
+        level: int | None = None,
+        device: str | torch.device = "cpu",
+        max_chunks: int = 0,
+    ) -> FetchResult:
+        """Fetch and decode the longest stored prefix of ``token_ids``.
+
+        Chunks arrive in order at ``level`` (default ``codec.DEFAULT_LEVEL``; the server falls back to the
+        nearest stored level); each is decoded on a worker thread while the next one is received. If a
+        front end fails mid-stream, the fetch resumes on the next address from the first chunk not yet
+        verified, so the result is identical to an unbroken stream.
+        """
+        mk = self.model(model)
+        start = pb.StreamStart(
+            model=model_to_pb(mk),
+            token_ids=_tokens_pb(token_ids),
+            policy=pb.LEVEL_POLICY_FIXED,
+            level=codec.DEFAULT_LEVEL if level is None else level,
+            max_chunks=max_chunks,
+            max_part_bytes=self.part_bytes,
+        )
+        t0 = time.perf_counter()
+        state = _FetchState(mk.chunk_tokens, device)
+        last: KVStreamError | None = None
+        for address in self._rotation():
+            start.start_chunk = state.next_chunk
+            try:
+                await self._stream_once(self._stub(address), start, state)
+                break
+            except grpc.aio.AioRpcError as err:
+                last = _raise(err)
+            except KVStreamError as err:  # bytes damaged in transit: another front end may do better
+                last = err
+            if last.code not in _RETRYABLE:
+                raise last from None
+        else:
+            assert last is not None
+            if state.next_chunk == 0:
+                raise last
+            state.truncated, state.reason = True, f"every front end failed: {last.message}"
+        result = await state.result()
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    async def _stream_once(
+        self, stub: pb_grpc.KVStreamStub, start: pb.StreamStart, state: _FetchState
+    ) -> None:
+        # Explicit write()/read() instead of a request iterator: throughput reports are best effort and
+        # must never race the end of the call.
+        call = stub.StreamContext(timeout=self.timeout)
+        await call.write(pb.StreamContextRequest(start=start))
+        can_report = True
+        assembler = _BlobAssembler()
+        try:
+            while (resp := await call.read()) is not grpc.aio.EOF:
+                kind = resp.WhichOneof("msg")
+                if kind == "header":
+                    state.on_header(resp.header)
+                elif kind == "chunk":
+                    msg = resp.chunk
+                    if msg.sidecar:
+                        continue  # sidecars are consumed by the sparse backends' own fetch path
+                    if msg.recompute:
+                        state.on_recompute(msg)
+                        continue
+                    blob = assembler.add(msg)
+                    if blob is None:
+                        continue
+                    secs = time.perf_counter() - assembler.started
+                    state.on_blob(msg, blob, secs)
+                    if can_report:
+                        report = pb.ThroughputReport(
+                            chunk_index=msg.chunk_index, bytes_per_second=len(blob) / max(secs, 1e-9)
+                        )
+                        try:
+                            await call.write(pb.StreamContextRequest(report=report))
+                        except (grpc.aio.UsageError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                            can_report = False  # the server already finished sending
+                elif kind == "trailer":
+                    state.truncated = resp.trailer.truncated
+                    state.reason = resp.trailer.reason
+                    if can_report:
+                        can_report = False
+                        with contextlib.suppress(grpc.aio.UsageError, grpc.aio.AioRpcError):
+                            await call.done_writing()
+        finally:
+            if not call.done():
+                call.cancel()
+
+
+class _FetchState:
+    """Decoded chunks of one fetch, kept across resumed streams."""
+
+    def __init__(self, chunk_tokens: int, device: str | torch.device) -> None:
+        self.chunk_tokens = chunk_tokens
+        self.device = device
+        self.next_chunk = 0
+        self.decodes: list[asyncio.Future[tuple[torch.Tensor | None, float]]] = []
+        self.meta: list[tuple[int, int, int, float, bool]] = []  # index, level, nbytes, recv s, recompute
+        self.recompute: list[tuple[int, int]] = []
+        self.truncated = False
+        self.reason = ""
+
+    def on_header(self, header: pb.StreamHeader) -> None:
+        if header.chunk_tokens:
+            self.chunk_tokens = header.chunk_tokens
+
+    def _check_order(self, index: int) -> None:
+        if index != self.next_chunk:
+            raise KVStreamError(grpc.StatusCode.DATA_LOSS, f"expected chunk {self.next_chunk}, got {index}")
+        self.next_chunk += 1
+
+    def on_blob(self, msg: pb.ChunkData, blob: bytes, recv_seconds: float) -> None:
+        self._check_order(msg.chunk_index)
+
+        def work() -> tuple[torch.Tensor | None, float]:
+            t = time.perf_counter()
+            out = codec.decode(blob, device=self.device)
+            return out, time.perf_counter() - t
+
+        self.decodes.append(asyncio.ensure_future(asyncio.to_thread(work)))
+        self.meta.append((msg.chunk_index, msg.level, len(blob), recv_seconds, False))
+
+    def on_recompute(self, msg: pb.ChunkData) -> None:
+        self._check_order(msg.chunk_index)
+        done: asyncio.Future[tuple[torch.Tensor | None, float]] = asyncio.get_running_loop().create_future()
+        done.set_result((None, 0.0))
+        self.decodes.append(done)
+        self.meta.append((msg.chunk_index, msg.level, 0, 0.0, True))
+        self.recompute.append((msg.token_start, msg.token_end))
+
+    async def result(self) -> FetchResult:
+        decoded = await asyncio.gather(*self.decodes)
+        tensors = [t for t, _ in decoded if t is not None]
+        reports = [
+            ChunkReport(i, lvl, n, recv, dec, recompute=rc)
+            for (i, lvl, n, recv, rc), (_, dec) in zip(self.meta, decoded, strict=True)
+        ]
+        kv: torch.Tensor | None = None
+        if tensors:
+            like = tensors[0]
+            parts = [
+                t if t is not None else like.new_zeros(like.shape)  # recompute chunks: zero slots
+                for t, _ in decoded
+            ]
+            kv = torch.cat(parts, dim=2)
+        return FetchResult(
+            kv, len(self.meta) * self.chunk_tokens, reports, self.recompute, self.truncated, self.reason
+        )
+
+
+class KVCacheClient:
+    """Blocking client with the same methods as ``AsyncKVCacheClient`` (which it runs on its own loop)."""
+
+    def __init__(self, addresses: str | Sequence[str], **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kvstream-client", daemon=True)
+        self._thread.start()
+        self._aio = self._run(self._make(addresses, kwargs))
+
+    @staticmethod
+    async def _make(addresses: str | Sequence[str], kwargs: dict[str, Any]) -> AsyncKVCacheClient:
+        return AsyncKVCacheClient(addresses, **kwargs)  # channels must be created on the client's loop
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def lookup(self, *args: Any, **kwargs: Any) -> LookupResult:
+        return self._run(self._aio.lookup(*args, **kwargs))
+
+    def store(self, *args: Any, **kwargs: Any) -> StoreResult:
+        return self._run(self._aio.store(*args, **kwargs))
+
+    def fetch(self, *args: Any, **kwargs: Any) -> FetchResult:
+        return self._run(self._aio.fetch(*args, **kwargs))
+
+    def get_context(self, *args: Any, **kwargs: Any) -> pb.ContextInfo:
+        return self._run(self._aio.get_context(*args, **kwargs))
+
+    def delete(self, *args: Any, **kwargs: Any) -> pb.DeleteResponse:
+        return self._run(self._aio.delete(*args, **kwargs))
+
+    def pin(self, *args: Any, **kwargs: Any) -> pb.PinResponse:
+        return self._run(self._aio.pin(*args, **kwargs))
+
+    def unpin(self, *args: Any, **kwargs: Any) -> pb.PinResponse:
+        return self._run(self._aio.unpin(*args, **kwargs))
+
+    def ls(self, *args: Any, **kwargs: Any) -> list[pb.ContextInfo]:
+        return self._run(self._aio.ls(*args, **kwargs))
+
+    def stat(self, *args: Any, **kwargs: Any) -> pb.StatResponse:
+        return self._run(self._aio.stat(*args, **kwargs))
+
+    def model(self, model: ModelKey | str) -> ModelKey:
+        return self._aio.model(model)
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._aio.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> KVCacheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

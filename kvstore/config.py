@@ -1,0 +1,123 @@
+"""Server settings: defaults < YAML file (``--config``) < env ``KVSTREAM_<FIELD>`` < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvstore.backends import default_backend_url, parse_size
+from kvstore.wire import DEFAULT_PART_BYTES, MAX_PART_BYTES
+
+ENV_PREFIX = "KVSTREAM_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass
+class ServerConfig:
+    """Settings of ``kvstore serve``. Sizes are bytes (config files and env also accept ``8MiB``)."""
+
+    listen: str = "127.0.0.1:50551"
+    backend: str = field(default_factory=default_backend_url)
+    metrics_port: int = 0  # 0 = no /metrics endpoint
+    metrics_addr: str = "127.0.0.1"
+    default_ttl: float = 86400.0  # seconds, for unpinned contexts stored without a TTL
+    log_level: str = "INFO"
+    max_message_bytes: int = 8 << 20  # gRPC send/receive limit; parts stay far below it
+    max_part_bytes: int = DEFAULT_PART_BYTES  # default part size of streamed blobs
+    max_blob_bytes: int = 256 << 20  # one uploaded blob
+    max_put_bytes: int = 2 << 30  # all blobs of one PutChunks call (held in memory until Commit)
+    max_context_chunks: int = 16384
+    max_concurrent_rpcs: int = 256
+    max_concurrent_streams: int = 128  # HTTP/2 streams per connection
+    health_interval: float = 5.0  # seconds between backend health probes
+    grace_seconds: float = 5.0  # shutdown grace for in-flight RPCs
+
+    def validate(self) -> ServerConfig:
+        """Raise ``ValueError`` for inconsistent settings; returns self."""
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level {self.log_level!r} not one of {', '.join(LOG_LEVELS)}")
+        self.log_level = self.log_level.upper()
+        if not self.default_ttl > 0:
+            raise ValueError(f"default_ttl must be > 0 seconds, got {self.default_ttl}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port {self.metrics_port} outside [0, 65535]")
+        if not 1 <= self.max_part_bytes <= MAX_PART_BYTES:
+            raise ValueError(f"max_part_bytes must be in [1, {MAX_PART_BYTES}], got {self.max_part_bytes}")
+        if self.max_message_bytes < MAX_PART_BYTES + (64 << 10):
+            raise ValueError(
+                f"max_message_bytes {self.max_message_bytes} cannot carry a {MAX_PART_BYTES}-byte part"
+            )
+        for name in (
+            "max_blob_bytes",
+            "max_put_bytes",
+            "max_context_chunks",
+            "max_concurrent_rpcs",
+            "max_concurrent_streams",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if ":" not in self.listen:
+            raise ValueError(f"listen {self.listen!r}: use host:port")
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a YAML/env value to the field's type; raises ``ValueError`` naming the setting."""
+    kind = _FIELDS[name].type
+    try:
+        if kind == "int":
+            if isinstance(value, str) and name.endswith("_bytes"):
+                return parse_size(value)
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("not an integer")
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("not a number")
+            return float(value)
+        if not isinstance(value, str):
+            raise ValueError("not a string")
+        return value
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"setting {name}: bad value {value!r} ({e})") from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Merge defaults < YAML file ``path`` < ``env`` (``KVSTREAM_LISTEN`` ...) < ``overrides`` (flags).
+
+    ``overrides`` entries that are None are ignored (flags not given). Unknown keys in the file raise.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config {path}: expected a mapping of settings")
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in _FIELDS:
+                raise ValueError(f"config {path}: unknown setting {key!r} (known: {', '.join(_FIELDS)})")
+            values[name] = _coerce(name, value)
+    env = os.environ if env is None else env
+    for name in _FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _coerce(name, raw)
+    for name, value in (overrides or {}).items():
+        if name not in _FIELDS:
+            raise ValueError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return ServerConfig(**values).validate()

@@ -1,0 +1,431 @@
+"""``kvctl``: operator CLI for a kvstream server (put, get, lookup, ls, stat, rm, pin, unpin).
+
+KV files are ``.npy`` arrays ``[layers, 2, tokens, kv_heads, head_dim]``; token ids come from
+``--tokens 1,2,3`` or ``--tokens-file F`` (whitespace-separated integers). Human tables by default,
+``--json`` for scripts. Every failure prints one line ``kvctl: error: <reason>`` on stderr and exits
+2 (usage / bad input) or 1 (server or connection error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+DEFAULT_SERVER = "127.0.0.1:50551"
+EXIT_SERVER = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command line or input file (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
+        print(f"kvctl: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+# ----- inputs -----------------------------------------------------------------------------------
+
+
+def parse_tokens(args: argparse.Namespace) -> list[int]:
+    """Token ids from ``--tokens`` or ``--tokens-file``; raises ``UsageError``."""
+    from kvstore.keys import InvalidKeyError, token_array
+
+    if args.tokens is not None and args.tokens_file is not None:
+        raise UsageError("give --tokens or --tokens-file, not both")
+    if args.tokens is not None:
+        text, where = args.tokens.replace(",", " "), "--tokens"
+    elif args.tokens_file is not None:
+        try:
+            text, where = Path(args.tokens_file).read_text(), args.tokens_file
+        except OSError as e:
+            raise UsageError(f"cannot read {args.tokens_file}: {e.strerror}") from None
+    else:
+        raise UsageError("token ids needed: --tokens 1,2,3 or --tokens-file FILE")
+    try:
+        ids = [int(t) for t in text.split()]
+    except ValueError as e:
+        raise UsageError(f"{where}: token ids must be integers ({e})") from None
+    if not ids:
+        raise UsageError(f"{where}: no token ids")
+    try:
+        return token_array(ids).tolist()
+    except InvalidKeyError as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def model_key(args: argparse.Namespace, required: bool = True) -> Any:
+    """The ``ModelKey`` of the flags. Refs by name / context id only use the namespace, so the model may be
+    left out there (a placeholder id fills the spec)."""
+    from kvstore.keys import InvalidKeyError, ModelKey
+
+    if not args.model and required:
+        raise UsageError("--model is required for this command")
+    try:
+        return ModelKey(
+            model_id=args.model or "any",
+            namespace=args.namespace or "default",
+            revision=args.revision,
+            dtype=args.dtype,
+            chunk_tokens=args.chunk_tokens,
+        )
+    except InvalidKeyError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_kv(path: str, dtype: str) -> Any:
+    """``[layers, 2, tokens, kv_heads, head_dim]`` tensor of ``dtype`` from an ``.npy`` file."""
+    import torch
+
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load {path}: {e}") from None
+    if arr.ndim != 5 or arr.shape[1] != 2:
+        raise UsageError(
+            f"{path}: expected [layers, 2, tokens, kv_heads, head_dim], got shape {list(arr.shape)}"
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UsageError(f"{path}: expected a float array, got {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(getattr(torch, dtype))
+
+
+def _ref(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments naming a context for the client (token ids, ``--context-id`` or ``--name``)."""
+    given = [x is not None for x in (args.context_id, args.name)] + [
+        args.tokens is not None or args.tokens_file is not None
+    ]
+    if sum(given) != 1:
+        raise UsageError("name the context with exactly one of --name, --context-id, --tokens/--tokens-file")
+    if args.context_id is not None:
+        try:
+            cid = bytes.fromhex(args.context_id)
+        except ValueError:
+            raise UsageError("--context-id must be hex") from None
+        return {"context_id": cid}
+    if args.name is not None:
+        return {"name": args.name}
+    return {"token_ids": parse_tokens(args)}
+
+
+# ----- output -----------------------------------------------------------------------------------
+
+
+def _context_dict(info: Any) -> dict[str, Any]:
+    return {
+        "context_id": info.context_id.hex(),
+        "name": info.name,
+        "namespace": info.model.namespace,
+        "model_id": info.model.model_id,
+        "revision": info.model.revision,
+        "dtype": info.model.dtype,
+        "chunk_tokens": info.model.chunk_tokens,
+        "num_chunks": info.num_chunks,
+        "num_tokens": info.num_tokens,
+        "level_bytes": {str(lv.level): lv.size_bytes for lv in info.level_bytes},
+        "total_bytes": info.total_bytes,
+        "pinned": info.pinned,
+        "ttl_seconds": info.ttl_seconds,
+        "created_unix": info.created_unix,
+        "metadata": dict(info.metadata),
+    }
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any] | list[dict[str, Any]], title: str) -> None:
+    """Print ``data`` as JSON (``--json``) or as a rich table (a list = rows, a dict = key/value pairs)."""
+    if args.json:
+        print(json.dumps(data, indent=None, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    if isinstance(data, dict):
+        table.add_column("field")
+        table.add_column("value")
+        for k, v in data.items():
+            table.add_row(k, str(v))
+    else:
+        cols = list(data[0]) if data else ["(none)"]
+        for c in cols:
+            table.add_column(c)
+        for row in data:
+            table.add_row(*(str(row[c]) for c in cols))
+    Console(width=160).print(table)
+
+
+# ----- commands ---------------------------------------------------------------------------------
+
+
+def cmd_put(args: argparse.Namespace, client: Any) -> None:
+    import codec
+
+    model = model_key(args)
+    ids = parse_tokens(args)
+    kv = load_kv(args.kv, model.dtype)
+    full = len(ids) // model.chunk_tokens * model.chunk_tokens
+    if full == 0:
+        raise UsageError(f"{len(ids)} token ids make no full chunk of {model.chunk_tokens}")
+    if kv.shape[2] < full:
+        raise UsageError(f"{args.kv} holds {kv.shape[2]} tokens, the token ids need {full}")
+    levels = _levels(args.levels) if args.levels else codec.LEVELS
+    t0 = time.perf_counter()
+    res = client.store(
+        model, ids, kv[:, :, :full], levels=levels, pin=args.pin, ttl=args.ttl, name=args.name or ""
+    )
+    _emit(
+        args,
+        {
+            "context_id": res.context_id.hex(),
+            "stored_chunks": res.stored_chunks,
+            "stored_tokens": res.stored_tokens,
+            "bytes_written": res.bytes_written,
+            "dedup_chunks": res.dedup_chunks,
+            "seconds": round(time.perf_counter() - t0, 4),
+        },
+        "put",
+    )
+
+
+def _levels(text: str) -> list[int]:
+    import codec
+
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--levels {text!r}: use comma-separated integers") from None
+    bad = [lv for lv in levels if lv not in codec.LEVELS]
+    if bad or not levels:
+        raise UsageError(f"--levels {text!r}: levels are {list(codec.LEVELS)}")
+    return levels
+
+
+def cmd_get(args: argparse.Namespace, client: Any) -> None:
+    import torch
+
+    model = model_key(args)
+    res = client.fetch(model, parse_tokens(args), level=args.level)
+    if res.kv is None:
+        raise LookupError("no stored prefix for these token ids")
+    kv = res.kv.cpu()
+    # numpy has no bfloat16: such caches are written as float32 (exact).
+    arr = (kv.float() if kv.dtype == torch.bfloat16 else kv).numpy()
+    try:
+        np.save(args.out, arr, allow_pickle=False)
+    except OSError as e:
+        raise UsageError(f"cannot write {args.out}: {e.strerror}") from None
+    _emit(
+        args,
+        {
+            "out": args.out,
+            "prefix_tokens": res.prefix_tokens,
+            "chunks": len(res.chunks),
+            "levels": sorted({c.level for c in res.chunks}),
+            "bytes": sum(c.nbytes for c in res.chunks),
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+            "truncated": res.truncated,
+            "reason": res.reason,
+            "seconds": round(res.seconds, 4),
+        },
+        "get",
+    )
+
+
+def cmd_lookup(args: argparse.Namespace, client: Any) -> None:
+    res = client.lookup(model_key(args), parse_tokens(args))
+    if args.json:
+        _emit(
+            args,
+            {
+                "prefix_chunks": res.prefix_chunks,
+                "prefix_tokens": res.prefix_tokens,
+                "chunk_tokens": res.chunk_tokens,
+                "chunks": [
+                    {
+                        "index": c.index,
+                        "hash": c.hash.hex(),
+                        "tokens": [c.token_start, c.token_end],
+                        "levels": {str(lv.level): lv.size_bytes for lv in c.levels},
+                        "sidecars": list(c.sidecars),
+                    }
+                    for c in res.chunks
+                ],
+            },
+            "lookup",
+        )
+        return
+    rows = [
+        {
+            "chunk": c.index,
+            "tokens": f"{c.token_start}-{c.token_end}",
+            "hash": c.hash.hex()[:16],
+            "levels": " ".join(f"L{lv.level}:{_human_bytes(lv.size_bytes)}" for lv in c.levels),
+        }
+        for c in res.chunks
+    ]
+    _emit(args, rows, f"prefix: {res.prefix_chunks} chunks / {res.prefix_tokens} tokens")
+
+
+def cmd_ls(args: argparse.Namespace, client: Any) -> None:
+    infos = client.ls(args.model or "", namespace=args.namespace or "default", limit=args.limit)
+    rows = [_context_dict(i) for i in infos]
+    if args.json:
+        _emit(args, rows, "contexts")
+        return
+    _emit(
+        args,
+        [
+            {
+                "context_id": r["context_id"][:16],
+                "name": r["name"],
+                "model": r["model_id"],
+                "tokens": r["num_tokens"],
+                "chunks": r["num_chunks"],
+                "size": _human_bytes(r["total_bytes"]),
+                "pinned": r["pinned"],
+                "ttl": "-" if r["ttl_seconds"] < 0 else f"{r['ttl_seconds']:.0f}s",
+            }
+            for r in rows
+        ],
+        f"contexts in {args.namespace or 'default'}",
+    )
+
+
+def cmd_stat(args: argparse.Namespace, client: Any) -> None:
+    s = client.stat(args.namespace or "")
+    _emit(
+        args,
+        {
+            "backend": s.backend,
+            "used_bytes": s.used_bytes,
+            "capacity_bytes": s.capacity_bytes,
+            "keys": s.keys,
+            "contexts": s.contexts,
+            "pinned_contexts": s.pinned_contexts,
+            "evictions": s.evictions,
+        },
+        "stat",
+    )
+
+
+def cmd_rm(args: argparse.Namespace, client: Any) -> None:
+    res = client.delete(model_key(args, required=False), **_ref(args))
+    _emit(args, {"deleted": res.deleted, "chunks_freed": res.chunks_freed}, "rm")
+
+
+def cmd_pin(args: argparse.Namespace, client: Any) -> None:
+    fn = client.pin if args.command == "pin" else client.unpin
+    res = fn(model_key(args, required=False), **_ref(args))
+    _emit(args, {"pinned": res.pinned, "chunks": res.chunks}, args.command)
+
+
+# ----- parser and main --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--server",
+        default=os.environ.get("KVSTREAM_SERVER", DEFAULT_SERVER),
+        help="host:port, or several comma-separated (env KVSTREAM_SERVER)",
+    )
+    common.add_argument("--namespace", help='namespace (default: "default"; stat: the whole store)')
+    common.add_argument("--model", help="model id (salts the chunk keys)")
+    common.add_argument("--revision", default="")
+    common.add_argument("--chunk-tokens", type=int, default=256)
+    common.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    common.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    tokens = _Parser(add_help=False)
+    tokens.add_argument("--tokens", help="comma-separated token ids")
+    tokens.add_argument("--tokens-file", help="file of whitespace-separated token ids")
+
+    ref = _Parser(add_help=False, parents=[tokens])
+    ref.add_argument("--name", help="context name")
+    ref.add_argument("--context-id", help="context id (hex)")
+
+    parser = _Parser(prog="kvctl", description="Operate a kvstream server.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("put", parents=[common, tokens], help="encode and store a KV cache (.npy)")
+    p.add_argument("kv", help=".npy [layers, 2, tokens, kv_heads, head_dim]")
+    p.add_argument("--levels", help="comma-separated codec levels (default: all)")
+    p.add_argument("--pin", action="store_true")
+    p.add_argument("--ttl", type=float, help="seconds (default: the server's)")
+    p.add_argument("--name")
+    p.set_defaults(fn=cmd_put)
+    p = sub.add_parser("get", parents=[common, tokens], help="fetch the stored prefix into a .npy")
+    p.add_argument("out", help="output .npy path")
+    p.add_argument("--level", type=int, default=0, help="codec level (nearest stored one if absent)")
+    p.set_defaults(fn=cmd_get)
+    p = sub.add_parser("lookup", parents=[common, tokens], help="longest stored prefix")
+    p.set_defaults(fn=cmd_lookup)
+    p = sub.add_parser("ls", parents=[common], help="list contexts of the namespace")
+    p.add_argument("--limit", type=int, default=0)
+    p.set_defaults(fn=cmd_ls)
+    p = sub.add_parser("stat", parents=[common], help="store usage")
+    p.set_defaults(fn=cmd_stat)
+    for name, fn, text in (
+        ("rm", cmd_rm, "delete a context"),
+        ("pin", cmd_pin, "pin a context (no TTL)"),
+        ("unpin", cmd_pin, "restore a context's TTL"),
+    ):
+        p = sub.add_parser(name, parents=[common, ref], help=text)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``kvctl``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.chunk_tokens < 1:
+        return _fail("--chunk-tokens must be >= 1", EXIT_USAGE)
+    import grpc
+
+    from client import KVCacheClient, KVStreamError
+
+    client = KVCacheClient(
+        args.server.split(","), namespace=args.namespace or "default", timeout=args.timeout
+    )
+    try:
+        args.fn(args, client)
+    except UsageError as e:
+        return _fail(str(e), EXIT_USAGE)
+    except KVStreamError as e:
+        code = EXIT_USAGE if e.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_SERVER
+        return _fail(f"{e.code.name.lower().replace('_', ' ')}: {e.message}", code)
+    except LookupError as e:
+        return _fail(str(e), EXIT_SERVER)
+    except ValueError as e:  # input the client library rejected (e.g. a KV dtype / shape it cannot encode)
+        return _fail(str(e), EXIT_USAGE)
+    finally:
+        client.close()
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"kvctl: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Prometheus metrics of one kvstream server (or one ``ChunkStore``), in a registry of their own.
+
+Every ``Metrics`` instance owns a fresh ``CollectorRegistry`` so several servers can live in one process
+(tests) without colliding on metric names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Request latencies span sub-millisecond lookups to multi-second context streams.
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Metrics:
+    """The counters, histograms and gauges kvstream exports (names prefixed ``kvstream_``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kvstream_requests", "RPCs by method and final status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "kvstream_request_seconds",
+            "RPC latency by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_in = Counter("kvstream_received_bytes", "Blob bytes received by PutChunks", registry=r)
+        self.bytes_out = Counter("kvstream_sent_bytes", "Blob bytes sent by StreamContext", registry=r)
+        self.lookup_chunks = Counter(
+            "kvstream_lookup_chunks",
+            "Chunks asked for by lookups: hit (committed) or miss",
+            ["result"],
+            registry=r,
+        )
+        self.chunk_reads = Counter(
+            "kvstream_chunk_reads",
+            "Blob reads on the streaming path: hit, miss or corrupt",
+            ["result"],
+            registry=r,
+        )
+        self.corrupt_records = Counter(
+            "kvstream_corrupt_records",
+            "Stored records that failed verification, by record kind",
+            ["kind"],
+            registry=r,
+        )
+        self.streams_active = Gauge("kvstream_streams_active", "StreamContext calls in progress", registry=r)
+        self.streams_truncated = Counter(
+            "kvstream_streams_truncated",
+            "Streams that ended short of the announced prefix",
+            ["reason"],
+            registry=r,
+        )
+        self.store_used_bytes = Gauge("kvstream_store_used_bytes", "Bytes used by the backend", registry=r)
+        self.store_keys = Gauge("kvstream_store_keys", "Keys held by the backend", registry=r)
+        self.store_evictions = Gauge(
+            "kvstream_store_evictions", "Evictions reported by the backend", registry=r
+        )
+
+    def serve_http(self, port: int, addr: str = "0.0.0.0") -> tuple[object, int]:
+        """Expose ``/metrics`` on ``addr:port`` (0 = any free port) in a daemon thread.
+
+        Returns ``(http_server, bound_port)``; call ``http_server.shutdown()`` to stop it.
+        """
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server, int(server.server_address[1])

@@ -1,0 +1,680 @@
+"""The kvstream gRPC server (``grpc.aio``): a thin layer over ``ChunkStore``; health, reflection, metrics.
+
+Runs on any asyncio loop (the CLI uses uvloop). Every RPC goes through one wrapper that maps exceptions to
+status codes, records Prometheus metrics and writes one ``key=value`` log line per request.
+
+Status codes: INVALID_ARGUMENT (bad spec / ids / level / blob / part order / oversized part or blob),
+NOT_FOUND (unknown context), RESOURCE_EXHAUSTED (backend full, request limits), UNAVAILABLE (backend
+error), DEADLINE_EXCEEDED. A failed request leaves the store as it was: uploads are buffered until Commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import xxhash
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import codec
+from kvstore.backends import open_backend
+from kvstore.backends.base import BackendError, BackendFull, StorageBackend
+from kvstore.config import ServerConfig
+from kvstore.keys import InvalidKeyError, ModelKey
+from kvstore.metrics import Metrics
+from kvstore.rpc import pb, pb_grpc
+from kvstore.store import (
+    ChunkBlobs,
+    ChunkStore,
+    ContextNotFound,
+    ContextQuery,
+    InvalidRequest,
+    LimitExceeded,
+    check_context_name,
+    check_sidecar_name,
+)
+from kvstore.wire import MAX_PART_BYTES, model_from_pb
+
+log = logging.getLogger("kvstore.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStream"].full_name
+_DEADLINE_FLOOR_S = 0.02  # always keep this much time for the trailer
+_HALF_CLOSE_WAIT_S = 2.0  # how long a finished stream waits for the client to stop writing
+
+
+class RpcFailure(Exception):
+    """Raised inside a handler to end the call with ``code``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _invalid(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a handler exception maps to."""
+    if isinstance(exc, RpcFailure):
+        return exc.code, str(exc)
+    if isinstance(exc, InvalidRequest | InvalidKeyError | codec.CodecError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, ContextNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, LimitExceeded | BackendFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, BackendError):
+        return grpc.StatusCode.UNAVAILABLE, f"backend error: {exc}"
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+@dataclass
+class _Call:
+    """Per-request accounting filled in by a handler."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----- level policies ---------------------------------------------------------------------------
+
+
+class LevelPolicy(Protocol):
+    """Chooses the codec level of each streamed chunk; fed with the client's throughput reports."""
+
+    def observe(self, report: pb.ThroughputReport) -> None: ...
+
+    def choose(self, chunk: pb.ChunkInfo) -> int:
+        """Level to send for ``chunk`` (one of its stored levels)."""
+        ...
+
+
+class FixedLevelPolicy:
+    """The requested level, else the nearest stored one: the next smaller-size (higher) level first."""
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def observe(self, report: pb.ThroughputReport) -> None:
+        """Fixed: reports do not change the choice."""
+
+    def choose(self, chunk: pb.ChunkInfo) -> int:
+        stored = sorted(lv.level for lv in chunk.levels)
+        if self.level in stored:
+            return self.level
+        smaller = [lv for lv in stored if lv > self.level]
+        return smaller[0] if smaller else stored[-1]
+
+
+def make_policy(start: pb.StreamStart) -> LevelPolicy:
+    """The policy a ``StreamStart`` asks for; raises ``RpcFailure`` for unsupported ones."""
+    if start.policy == pb.LEVEL_POLICY_ADAPTIVE:
+        raise _invalid("adaptive streaming not available yet")
+    if start.policy != pb.LEVEL_POLICY_FIXED:
+        raise _invalid(f"unknown level policy {start.policy}")
+    if start.level not in codec.LEVELS:
+        raise _invalid(f"unknown level {start.level}; levels are {list(codec.LEVELS)}")
+    return FixedLevelPolicy(start.level)
+
+
+# ----- servicer ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    info: pb.ChunkInfo
+    level: int
+    blob: bytes
+    sidecars: list[tuple[str, bytes]]
+
+
+@dataclass
+class _Assembly:
+    """One blob being reassembled from ordered parts."""
+
+    total: int
+    buf: bytearray = field(default_factory=bytearray)
+
+
+class KVStreamServicer(pb_grpc.KVStreamServicer):
+    """Implements every RPC of ``kvstream.v1.KVStream`` on a ``ChunkStore``."""
+
+    def __init__(self, store: ChunkStore, config: ServerConfig, metrics: Metrics) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+
+    # -- accounting wrapper ----------------------------------------------------------------------
+
+    def _finish(self, method: str, code: grpc.StatusCode, start: float, call: _Call, context: Any) -> None:
+        elapsed = time.perf_counter() - start
+        self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.latency.labels(method).observe(elapsed)
+        self.metrics.bytes_in.inc(call.bytes_in)
+        self.metrics.bytes_out.inc(call.bytes_out)
+        extra = "".join(f" {k}={v}" for k, v in call.extra.items())
+        log.info(
+            "rpc method=%s code=%s duration_ms=%.2f bytes_in=%d bytes_out=%d peer=%s%s",
+            method,
+            code.name,
+            elapsed * 1e3,
+            call.bytes_in,
+            call.bytes_out,
+            context.peer(),
+            extra,
+        )
+
+    @staticmethod
+    def _cancel_code(context: Any) -> grpc.StatusCode:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+
+    def _unexpected(self, method: str, exc: BaseException) -> None:
+        code, _ = status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("rpc method=%s unexpected error", method, exc_info=exc)
+
+    @staticmethod
+    def _unary(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Wrap a handler ``fn(self, request, context, call)``; its work is bounded by the call deadline."""
+
+        def deco(fn: Callable[..., Awaitable[Any]]) -> Any:
+            @functools.wraps(fn)
+            async def wrapper(self: KVStreamServicer, request: Any, context: Any) -> Any:
+                call, start, code = _Call(), time.perf_counter(), grpc.StatusCode.OK
+                try:
+                    remaining = context.time_remaining()
+                    async with asyncio.timeout(remaining):
+                        return await fn(self, request, context, call)
+                except asyncio.CancelledError:
+                    code = self._cancel_code(context)
+                    raise
+                except Exception as exc:
+                    self._unexpected(method, exc)
+                    code, message = status_of(exc)
+                    await context.abort(code, message)
+                finally:
+                    self._finish(method, code, start, call, context)
+
+            return wrapper
+
+        return deco
+
+    @staticmethod
+    def _streaming(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Wrap an async-generator handler ``fn(self, request_iterator, context, call)``."""
+
+        def deco(fn: Callable[..., AsyncIterator[Any]]) -> Any:
+            @functools.wraps(fn)
+            async def wrapper(
+                self: KVStreamServicer, request_iterator: Any, context: Any
+            ) -> AsyncIterator[Any]:
+                call, start, code = _Call(), time.perf_counter(), grpc.StatusCode.OK
+                self.metrics.streams_active.inc()
+                try:
+                    async for item in fn(self, request_iterator, context, call):
+                        yield item
+                except asyncio.CancelledError:
+                    code = self._cancel_code(context)
+                    raise
+                except Exception as exc:
+                    self._unexpected(method, exc)
+                    code, message = status_of(exc)
+                    await context.abort(code, message)
+                finally:
+                    self.metrics.streams_active.dec()
+                    self._finish(method, code, start, call, context)
+
+            return wrapper
+
+        return deco
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _model(spec: pb.ModelSpec) -> ModelKey:
+        return model_from_pb(spec)
+
+    def _query(self, ref: pb.ContextRef) -> tuple[ModelKey, ContextQuery]:
+        kind = ref.WhichOneof("ref")
+        if kind is None:
+            raise _invalid("a context reference needs token_ids, context_id or name")
+        if kind == "token_ids":
+            # Token ids salt the chunk keys, so they need the full model spec.
+            return self._model(ref.model), ContextQuery(token_ids=list(ref.token_ids.ids))
+        # A context id or name only needs the namespace; the rest of the spec may be left empty.
+        model = (
+            self._model(ref.model)
+            if ref.model.model_id
+            else ModelKey("any", namespace=ref.model.namespace or "default")
+        )
+        if kind == "context_id":
+            return model, ContextQuery(context_id=bytes(ref.context_id))
+        return model, ContextQuery(name=ref.name)
+
+    # -- unary RPCs ------------------------------------------------------------------------------
+
+    @_unary("Lookup")
+    async def Lookup(self, request: pb.LookupRequest, context: Any, call: _Call) -> pb.LookupResponse:
+        model = self._model(request.model)
+        which = request.WhichOneof("query")
+        if which == "token_ids":
+            res = await self.store.lookup(model, token_ids=list(request.token_ids.ids))
+        elif which == "chunk_hashes":
+            res = await self.store.lookup(model, hashes=list(request.chunk_hashes.hashes))
+        else:
+            raise _invalid("Lookup needs token_ids or chunk_hashes")
+        call.extra["prefix_chunks"] = res.prefix_chunks
+        return pb.LookupResponse(
+            prefix_chunks=res.prefix_chunks,
+            prefix_tokens=res.prefix_tokens,
+            chunks=res.chunks,
+            chunk_tokens=res.chunk_tokens,
+        )
+
+    @_unary("GetContext")
+    async def GetContext(self, request: pb.ContextRef, context: Any, call: _Call) -> pb.ContextInfo:
+        model, query = self._query(request)
+        return await self.store.get_context(model, query)
+
+    @_unary("Delete")
+    async def Delete(self, request: pb.ContextRef, context: Any, call: _Call) -> pb.DeleteResponse:
+        model, query = self._query(request)
+        freed = await asyncio.shield(self.store.delete(model, query))  # finish once started
+        return pb.DeleteResponse(deleted=True, chunks_freed=freed)
+
+    @_unary("List")
+    async def List(self, request: pb.ListRequest, context: Any, call: _Call) -> pb.ListResponse:
+        infos = await self.store.list_contexts(request.namespace, request.model_id, request.limit)
+        return pb.ListResponse(contexts=infos)
+
+    @_unary("Stat")
+    async def Stat(self, request: pb.StatRequest, context: Any, call: _Call) -> pb.StatResponse:
+        return await self.store.stat(request.namespace)
+
+    async def _pin(self, request: pb.PinRequest, pinned: bool) -> pb.PinResponse:
+        model, query = self._query(request.context)
+        is_pinned, chunks = await asyncio.shield(self.store.set_pinned(model, query, pinned))
+        return pb.PinResponse(pinned=is_pinned, chunks=chunks)
+
+    @_unary("Pin")
+    async def Pin(self, request: pb.PinRequest, context: Any, call: _Call) -> pb.PinResponse:
+        return await self._pin(request, True)
+
+    @_unary("Unpin")
+    async def Unpin(self, request: pb.PinRequest, context: Any, call: _Call) -> pb.PinResponse:
+        return await self._pin(request, False)
+
+    # -- PutChunks -------------------------------------------------------------------------------
+
+    def _add_part(
+        self, part: pb.ChunkPart, n_chunks: int, blobs: dict[tuple[int, int, str], _Assembly]
+    ) -> int:
+        """Append one part to its blob; returns the bytes added. Raises ``RpcFailure`` on any violation."""
+        where = f"chunk {part.chunk_index} " + (
+            f"sidecar {part.sidecar!r}" if part.sidecar else f"level {part.level}"
+        )
+        if part.chunk_index >= n_chunks:
+            raise _invalid(f"{where}: chunk_index out of range (the context has {n_chunks} full chunks)")
+        if part.sidecar:
+            try:
+                check_sidecar_name(part.sidecar)
+            except InvalidRequest as e:
+                raise _invalid(f"{where}: {e}") from None
+        elif part.level not in codec.LEVELS:
+            raise _invalid(f"{where}: unknown level; levels are {list(codec.LEVELS)}")
+        if len(part.data) > MAX_PART_BYTES:
+            raise _invalid(f"{where}: part of {len(part.data)} bytes is larger than {MAX_PART_BYTES}")
+        if part.total_size > self.config.max_blob_bytes:
+            raise _invalid(
+                f"{where}: blob of {part.total_size} bytes is larger than {self.config.max_blob_bytes}"
+            )
+        key = (part.chunk_index, 0 if part.sidecar else part.level, part.sidecar)
+        asm = blobs.get(key)
+        if asm is None:
+            asm = blobs[key] = _Assembly(part.total_size)
+        elif asm.total != part.total_size:
+            raise _invalid(f"{where}: total_size changed from {asm.total} to {part.total_size}")
+        elif len(asm.buf) == asm.total:
+            raise _invalid(f"{where}: blob sent twice")
+        if part.offset != len(asm.buf):
+            raise _invalid(
+                f"{where}: part at offset {part.offset}, expected {len(asm.buf)} (parts out of order)"
+            )
+        if part.offset + len(part.data) > asm.total:
+            raise _invalid(
+                f"{where}: part ends at {part.offset + len(part.data)}, past total_size {asm.total}"
+            )
+        if not part.data and asm.total:
+            raise _invalid(f"{where}: empty part")
+        asm.buf += part.data
+        return len(part.data)
+
+    @_unary("PutChunks")
+    async def PutChunks(self, request_iterator: Any, context: Any, call: _Call) -> pb.PutChunksResponse:
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            raise _invalid("empty PutChunks stream: send a PutHeader first") from None
+        if first.WhichOneof("item") != "header":
+            raise _invalid("the first PutChunks message must be a PutHeader")
+        header = first.header
+        model = self._model(header.model)
+        hashes = self.store.context_hashes(model, list(header.token_ids.ids))
+        if not hashes:
+            raise _invalid(
+                f"no full chunk: {len(header.token_ids.ids)} token ids < chunk_tokens {model.chunk_tokens}"
+            )
+        if header.name:
+            check_context_name(header.name)
+        blobs: dict[tuple[int, int, str], _Assembly] = {}
+        commit: pb.Commit | None = None
+        async for msg in it:
+            kind = msg.WhichOneof("item")
+            if commit is not None:
+                raise _invalid("no message may follow Commit")
+            if kind == "part":
+                call.bytes_in += self._add_part(msg.part, len(hashes), blobs)
+                if call.bytes_in > self.config.max_put_bytes:
+                    raise LimitExceeded(f"PutChunks carries more than {self.config.max_put_bytes} bytes")
+            elif kind == "commit":
+                commit = msg.commit
+            else:
+                raise _invalid("a second PutHeader" if kind == "header" else "an empty PutChunksRequest")
+        if commit is None:
+            raise _invalid("the stream ended without Commit; nothing was stored")
+        chunks = [ChunkBlobs({}) for _ in hashes]
+        for (index, level, sidecar), asm in sorted(blobs.items()):
+            if len(asm.buf) != asm.total:
+                what = f"sidecar {sidecar!r}" if sidecar else f"level {level}"
+                raise _invalid(f"chunk {index} {what}: got {len(asm.buf)} of {asm.total} bytes")
+            if sidecar:
+                chunks[index].sidecars[sidecar] = bytes(asm.buf)
+            else:
+                chunks[index].levels[level] = bytes(asm.buf)
+        ttl = None if header.ttl_seconds == 0 else float(header.ttl_seconds)
+        # Once validated, the commit runs to completion even if the client goes away: a half-written
+        # commit would leave chunk records without their manifest.
+        res = await asyncio.shield(
+            self.store.put(
+                model,
+                list(header.token_ids.ids),
+                chunks,
+                ttl=ttl,
+                pin=header.pin,
+                name=header.name,
+                metadata=dict(commit.metadata),
+            )
+        )
+        call.extra.update(chunks=res.stored_chunks, dedup=res.dedup_chunks)
+        return pb.PutChunksResponse(
+            context_id=res.context_id,
+            stored_chunks=res.stored_chunks,
+            stored_tokens=res.stored_tokens,
+            bytes_written=res.bytes_written,
+            dedup_chunks=res.dedup_chunks,
+        )
+
+    # -- StreamContext ---------------------------------------------------------------------------
+
+    async def _load(
+        self, model: ModelKey, info: pb.ChunkInfo, level: int, sidecars: Sequence[str]
+    ) -> _Loaded | None:
+        blob = await self.store.read_blob(model, info, level)
+        if blob is None:
+            return None
+        extra = []
+        for name in sidecars:
+            if name in info.sidecars:
+                data = await self.store.read_sidecar(model, info, name)
+                if data is None:
+                    return None
+                extra.append((name, data))
+        return _Loaded(info, level, blob, extra)
+
+    @staticmethod
+    def _parts(loaded: _Loaded, part_bytes: int) -> list[pb.StreamContextResponse]:
+        info = loaded.info
+        out = []
+        for sidecar, blob in [("", loaded.blob), *loaded.sidecars]:
+            view = memoryview(blob)
+            offsets = range(0, max(len(blob), 1), part_bytes)
+            for off in offsets:
+                last = off + part_bytes >= len(blob)
+                out.append(
+                    pb.StreamContextResponse(
+                        chunk=pb.ChunkData(
+                            chunk_index=info.index,
+                            level=0 if sidecar else loaded.level,
+                            sidecar=sidecar,
+                            total_size=len(blob),
+                            offset=off,
+                            data=bytes(view[off : off + part_bytes]),
+                            xxh3_64=xxhash.xxh3_64_intdigest(blob) if last else 0,
+                            last=last,
+                            token_start=info.token_start,
+                            token_end=info.token_end,
+                        )
+                    )
+                )
+        return out
+
+    @_streaming("StreamContext")
+    async def StreamContext(self, request_iterator: Any, context: Any, call: _Call) -> AsyncIterator[Any]:
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            raise _invalid("empty StreamContext stream: send a StreamStart first") from None
+        if first.WhichOneof("msg") != "start":
+            raise _invalid("the first StreamContext message must be a StreamStart")
+        start = first.start
+        model = self._model(start.model)
+        policy = make_policy(start)
+        part_bytes = start.max_part_bytes or self.config.max_part_bytes
+        if part_bytes > MAX_PART_BYTES:
+            raise _invalid(f"max_part_bytes {part_bytes} is larger than {MAX_PART_BYTES}")
+        for name in start.sidecars:
+            check_sidecar_name(name)
+        which = start.WhichOneof("query")
+        if which == "token_ids":
+            res = await self.store.lookup(model, token_ids=list(start.token_ids.ids))
+        elif which == "chunk_hashes":
+            res = await self.store.lookup(model, hashes=list(start.chunk_hashes.hashes))
+        else:
+            raise _invalid("StreamStart needs token_ids or chunk_hashes")
+        end = (
+            len(res.chunks)
+            if not start.max_chunks
+            else min(len(res.chunks), start.start_chunk + start.max_chunks)
+        )
+        chunks = res.chunks[start.start_chunk : end]
+        yield pb.StreamContextResponse(
+            header=pb.StreamHeader(
+                prefix_chunks=res.prefix_chunks,
+                prefix_tokens=res.prefix_tokens,
+                chunks=chunks,
+                chunk_tokens=res.chunk_tokens,
+            )
+        )
+
+        async def read_reports() -> None:
+            # Runs beside the send loop so throughput reports reach the policy while chunks flow.
+            async for msg in it:
+                if msg.WhichOneof("msg") == "report":
+                    policy.observe(msg.report)
+
+        reports = asyncio.create_task(read_reports())
+        sidecars = list(start.sidecars)
+
+        def fetch(info: pb.ChunkInfo) -> asyncio.Task[_Loaded | None]:
+            return asyncio.create_task(self._load(model, info, policy.choose(info), sidecars))
+
+        sent, reason = 0, ""
+        send_rate = 0.0  # bytes/s measured over the previous chunks (flow control included)
+        pending = fetch(chunks[0]) if chunks else None
+        try:
+            for i, info in enumerate(chunks):
+                assert pending is not None
+                remaining = context.time_remaining()
+                try:
+                    timeout = None if remaining is None else max(remaining - _DEADLINE_FLOOR_S, 0.0)
+                    loaded = await asyncio.wait_for(asyncio.shield(pending), timeout)
+                except TimeoutError:
+                    reason = f"deadline: stopped before chunk {info.index}"
+                    break
+                pending = fetch(chunks[i + 1]) if i + 1 < len(chunks) else None  # read-ahead
+                if loaded is None:
+                    reason = f"chunk {info.index}: missing or corrupt"
+                    break
+                size = len(loaded.blob) + sum(len(d) for _, d in loaded.sidecars)
+                remaining = context.time_remaining()
+                if remaining is not None:
+                    need = _DEADLINE_FLOOR_S + (1.5 * size / send_rate if send_rate else 0.0)
+                    if remaining < need:
+                        reason = f"deadline: stopped before chunk {info.index}"
+                        break
+                t0 = time.perf_counter()
+                for msg in self._parts(loaded, part_bytes):
+                    yield msg
+                call.bytes_out += size
+                send_rate = size / max(time.perf_counter() - t0, 1e-6)
+                sent += 1
+        except BaseException:
+            reports.cancel()
+            raise
+        finally:
+            if pending is not None:
+                pending.cancel()
+        if reason:
+            self.metrics.streams_truncated.labels(reason.split(":")[0]).inc()
+        call.extra.update(chunks=sent, truncated=bool(reason))
+        yield pb.StreamContextResponse(
+            trailer=pb.StreamTrailer(
+                verified_chunks=sent,
+                verified_tokens=sent * res.chunk_tokens,
+                truncated=bool(reason),
+                reason=reason,
+            )
+        )
+        # Let the client half-close before the call ends: a throughput report still in flight when
+        # the server finishes would fail the client's whole call (INTERNAL) despite our OK status.
+        try:
+            await asyncio.wait_for(reports, _HALF_CLOSE_WAIT_S)
+        except (TimeoutError, asyncio.CancelledError):
+            reports.cancel()
+
+
+# ----- server -----------------------------------------------------------------------------------
+
+
+class KVStreamServer:
+    """One kvstream server: gRPC (KVStream, health, reflection) plus an optional /metrics endpoint.
+
+    ``backend`` overrides ``config.backend`` (tests pass an open backend). ``start()`` binds
+    ``config.listen`` (port 0 = any free port; the bound one is in ``port``).
+    """
+
+    def __init__(self, config: ServerConfig, backend: StorageBackend | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.backend = backend if backend is not None else open_backend(config.backend)
+        self.store = ChunkStore(
+            self.backend,
+            default_ttl=config.default_ttl,
+            metrics=self.metrics,
+            max_blob_bytes=config.max_blob_bytes,
+            max_context_chunks=config.max_context_chunks,
+        )
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._http: Any = None
+        self._health_task: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        cfg = self.config
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
+        pb_grpc.add_KVStreamServicer_to_server(KVStreamServicer(self.store, cfg, self.metrics), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            self.port = server.add_insecure_port(cfg.listen)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {cfg.listen}: {e}") from None
+        if self.port == 0:
+            raise OSError(f"cannot listen on {cfg.listen}")
+        await server.start()
+        self._server = server
+        await self._probe()
+        self._health_task = asyncio.create_task(self._health_loop())
+        if cfg.metrics_port:
+            self._http, self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr)
+
+    async def _probe(self) -> None:
+        """One backend probe: sets health and refreshes the store gauges."""
+        try:
+            async with asyncio.timeout(max(self.config.health_interval, 1.0)):
+                await self.backend.ping()
+                stats = await self.backend.stats()
+            self.metrics.store_used_bytes.set(stats.used_bytes)
+            self.metrics.store_keys.set(stats.keys)
+            self.metrics.store_evictions.set(stats.evictions)
+            status = health_pb2.HealthCheckResponse.SERVING
+        except (BackendError, TimeoutError, OSError) as e:
+            log.warning("health backend=%s status=NOT_SERVING reason=%r", self.backend.name, str(e))
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            await self._probe()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting RPCs, let in-flight ones finish for ``grace`` seconds, close the backend."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.config.grace_seconds if grace is None else grace)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        await self.backend.close()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

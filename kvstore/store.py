@@ -1,0 +1,647 @@
+"""kvstream's data model on top of any ``StorageBackend``: chunks, records, manifests, refcounts, pins.
+
+Key scheme (the ``{hash tag}`` keeps every key of one chunk on one Redis Cluster slot)::
+
+    tag = "{" + namespace + ":" + chunk_hash.hex() + "}"
+    kvs:{tag}:L{level}     CHUNK envelope around one codec blob [layers, 2, chunk_tokens, kv_heads, head_dim]
+    kvs:{tag}:S:{name}     SIDECAR envelope (opaque bytes, e.g. a sparse-recall index)
+    kvs:{tag}:rec          CHUNK_RECORD envelope (pb.ChunkInfo): written at commit, makes the chunk visible
+    kvs:{tag}:refs         set of context ids referencing the chunk (refcount for delete)
+    kvs:{tag}:pins         set of pinned context ids referencing the chunk (pinned iff non-empty)
+    kvs:{ns:ctxid}:man     MANIFEST envelope (pb.Manifest); context id = hash of the context's last chunk
+    kvs:{ns:name:N}:name   NAME_INDEX envelope (body: the context id) for lookups by human name
+
+Write order of a put: blobs, refs/pins sets, chunk records, manifest last, so an interrupted upload is
+never visible as a context. Everything is content-addressed, so concurrent writers of one context write
+the same bytes and the last manifest wins. Every record is verified on read (``open_envelope``); a record
+that fails is treated as a miss, counted in ``kvstream_corrupt_records`` and logged with its key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import codec
+from kvstore.backends.base import StorageBackend
+from kvstore.envelope import CorruptRecord, Envelope, Kind, open_envelope, seal
+from kvstore.keys import DEFAULT_NAMESPACE, HASH_BYTES, InvalidKeyError, ModelKey, chunk_hashes, token_array
+from kvstore.metrics import Metrics
+from kvstore.rpc import pb
+from kvstore.wire import model_to_pb
+
+log = logging.getLogger("kvstore.store")
+
+DEFAULT_TTL_S = 86400.0
+DEFAULT_MAX_BLOB_BYTES = 256 << 20
+DEFAULT_MAX_CONTEXT_CHUNKS = 16384
+_SIDECAR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CONTEXT_NAME = re.compile(r"[A-Za-z0-9._/@:+-]{1,200}")
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_MANIFEST_BATCH = 256
+
+
+class InvalidRequest(ValueError):
+    """Bad input: spec, token ids, blob, level, sidecar name (maps to INVALID_ARGUMENT)."""
+
+
+class ContextNotFound(LookupError):
+    """No committed context matches the reference (maps to NOT_FOUND)."""
+
+
+class LimitExceeded(RuntimeError):
+    """The request is larger than a configured limit (maps to RESOURCE_EXHAUSTED)."""
+
+
+# ----- keys ---------------------------------------------------------------------------------------
+
+
+def _tag(ns: str, chunk_hash: bytes) -> str:
+    return "{" + ns + ":" + chunk_hash.hex() + "}"
+
+
+def blob_key(ns: str, chunk_hash: bytes, level: int) -> str:
+    return f"kvs:{_tag(ns, chunk_hash)}:L{level}"
+
+
+def sidecar_key(ns: str, chunk_hash: bytes, name: str) -> str:
+    return f"kvs:{_tag(ns, chunk_hash)}:S:{name}"
+
+
+def record_key(ns: str, chunk_hash: bytes) -> str:
+    return f"kvs:{_tag(ns, chunk_hash)}:rec"
+
+
+def refs_key(ns: str, chunk_hash: bytes) -> str:
+    return f"kvs:{_tag(ns, chunk_hash)}:refs"
+
+
+def pins_key(ns: str, chunk_hash: bytes) -> str:
+    return f"kvs:{_tag(ns, chunk_hash)}:pins"
+
+
+def manifest_key(ns: str, context_id: bytes) -> str:
+    return f"kvs:{_tag(ns, context_id)}:man"
+
+
+def name_key(ns: str, name: str) -> str:
+    return "kvs:{" + ns + ":name:" + name + "}:name"
+
+
+def _manifest_pattern(ns: str | None) -> str:
+    return "kvs:{*}:man" if ns is None else "kvs:{" + ns + ":*}:man"
+
+
+def _chunk_keys(ns: str, chunk_hash: bytes, sidecars: Iterable[str]) -> list[str]:
+    """Every key a chunk may own (missing ones are ignored by ``set_ttl`` / ``delete_many``)."""
+    keys = [blob_key(ns, chunk_hash, lv) for lv in codec.LEVELS]
+    keys += [sidecar_key(ns, chunk_hash, s) for s in sidecars]
+    return [*keys, record_key(ns, chunk_hash), refs_key(ns, chunk_hash), pins_key(ns, chunk_hash)]
+
+
+# ----- values -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChunkBlobs:
+    """The blobs uploaded for one chunk: codec blobs by level, and named sidecars (opaque bytes)."""
+
+    levels: dict[int, bytes]
+    sidecars: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    context_id: bytes
+    stored_chunks: int
+    stored_tokens: int
+    bytes_written: int
+    dedup_chunks: int
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """Longest committed prefix: ``chunks[i]`` is the verified record of chunk ``i``."""
+
+    chunk_tokens: int
+    chunks: list[pb.ChunkInfo]
+
+    @property
+    def prefix_chunks(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def prefix_tokens(self) -> int:
+        return len(self.chunks) * self.chunk_tokens
+
+
+@dataclass(frozen=True)
+class ContextQuery:
+    """How a caller names a context: exactly one of token ids, context id or name."""
+
+    token_ids: Sequence[int] | np.ndarray | None = None
+    context_id: bytes | None = None
+    name: str | None = None
+
+
+class ChunkStore:
+    """Async data model of kvstream over one backend; the gRPC servicer is a thin layer over this.
+
+    ``default_ttl`` (seconds) applies to unpinned contexts stored with ``ttl=None``/``0``.
+    ``max_blob_bytes`` bounds one blob; ``max_context_chunks`` bounds the chunks of one context.
+    """
+
+    def __init__(
+        self,
+        backend: StorageBackend,
+        *,
+        default_ttl: float = DEFAULT_TTL_S,
+        metrics: Metrics | None = None,
+        max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+        max_context_chunks: int = DEFAULT_MAX_CONTEXT_CHUNKS,
+    ) -> None:
+        if not default_ttl > 0:
+            raise ValueError(f"default_ttl must be > 0, got {default_ttl}")
+        self.backend = backend
+        self.default_ttl = float(default_ttl)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.max_blob_bytes = max_blob_bytes
+        self.max_context_chunks = max_context_chunks
+
+    # ----- verification helpers ---------------------------------------------------------------
+
+    def _open(self, key: str, raw: bytes | None, kind: Kind) -> Envelope | None:
+        """Verified envelope of ``raw`` read from ``key``; None (counted, logged) when missing or corrupt."""
+        if raw is None:
+            return None
+        try:
+            return open_envelope(key, raw, kind)
+        except CorruptRecord as e:
+            self._corrupt(key, kind, str(e))
+            return None
+
+    def _corrupt(self, key: str, kind: Kind, reason: str) -> None:
+        self.metrics.corrupt_records.labels(kind.name.lower()).inc()
+        log.warning("corrupt record key=%s kind=%s reason=%r", key, kind.name, reason)
+
+    def _parse_record(
+        self, key: str, raw: bytes | None, chunk_hash: bytes, index: int
+    ) -> pb.ChunkInfo | None:
+        env = self._open(key, raw, Kind.CHUNK_RECORD)
+        if env is None:
+            return None
+        info = pb.ChunkInfo()
+        try:
+            info.ParseFromString(env.body)
+        except Exception as e:  # protobuf raises DecodeError; any parse failure is corruption
+            self._corrupt(key, Kind.CHUNK_RECORD, f"record body does not parse: {e}")
+            return None
+        if info.hash != chunk_hash or info.index != index or not info.levels:
+            self._corrupt(key, Kind.CHUNK_RECORD, "record does not describe this chunk")
+            return None
+        return info
+
+    def _parse_manifest(self, key: str, raw: bytes | None) -> pb.Manifest | None:
+        env = self._open(key, raw, Kind.MANIFEST)
+        if env is None:
+            return None
+        man = pb.Manifest()
+        try:
+            man.ParseFromString(env.body)
+        except Exception as e:  # see _parse_record
+            self._corrupt(key, Kind.MANIFEST, f"manifest body does not parse: {e}")
+            return None
+        if not man.chunk_hashes or man.info.context_id != man.chunk_hashes[-1]:
+            self._corrupt(key, Kind.MANIFEST, "manifest context id is not its last chunk")
+            return None
+        return man
+
+    # ----- validation -------------------------------------------------------------------------
+
+    def context_hashes(self, model: ModelKey, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
+        """Chunk keys of the full chunks of ``token_ids``; raises ``InvalidRequest`` / ``LimitExceeded``."""
+        try:
+            arr = token_array(token_ids)
+        except InvalidKeyError as e:
+            raise InvalidRequest(str(e)) from None
+        if arr.size // model.chunk_tokens > self.max_context_chunks:
+            raise LimitExceeded(
+                f"{arr.size} tokens is more than {self.max_context_chunks} chunks of {model.chunk_tokens}"
+            )
+        return chunk_hashes(model, arr)
+
+    def check_blob(self, model: ModelKey, index: int, level: int, blob: bytes) -> tuple[int, ...]:
+        """Verify one uploaded codec blob against its declared level and the spec; returns its shape."""
+        if level not in codec.LEVELS:
+            raise InvalidRequest(f"chunk {index}: unknown level {level}; levels are {list(codec.LEVELS)}")
+        if len(blob) > self.max_blob_bytes:
+            raise InvalidRequest(
+                f"chunk {index} level {level}: blob of {len(blob)} bytes > {self.max_blob_bytes}"
+            )
+        try:
+            info = codec.verify(blob)
+        except codec.CodecError as e:
+            raise InvalidRequest(f"chunk {index} level {level}: {e}") from None
+        if info.level != level:
+            raise InvalidRequest(f"chunk {index}: declared level {level} but the blob is level {info.level}")
+        if info.dtype != _TORCH_DTYPES[model.dtype]:
+            raise InvalidRequest(
+                f"chunk {index} level {level}: blob dtype {info.dtype} != spec {model.dtype}"
+            )
+        if info.shape[2] != model.chunk_tokens:
+            raise InvalidRequest(
+                f"chunk {index} level {level}: blob holds {info.shape[2]} tokens, chunk_tokens is "
+                f"{model.chunk_tokens}"
+            )
+        return info.shape
+
+    def _check_chunks(self, model: ModelKey, n_chunks: int, chunks: Sequence[ChunkBlobs]) -> None:
+        if len(chunks) != n_chunks:
+            raise InvalidRequest(f"the token ids have {n_chunks} full chunks but {len(chunks)} were uploaded")
+        shape: tuple[int, ...] | None = None
+        for i, ch in enumerate(chunks):
+            if not ch.levels:
+                raise InvalidRequest(f"chunk {i} has no codec level")
+            for level, blob in ch.levels.items():
+                s = self.check_blob(model, i, level, blob)
+                if shape is None:
+                    shape = s
+                elif s != shape:
+                    raise InvalidRequest(
+                        f"chunk {i} level {level}: shape {list(s)} != {list(shape)} of chunk 0"
+                    )
+            for name, data in ch.sidecars.items():
+                check_sidecar_name(name)
+                if len(data) > self.max_blob_bytes:
+                    raise InvalidRequest(
+                        f"chunk {i} sidecar {name}: {len(data)} bytes > {self.max_blob_bytes}"
+                    )
+
+    # ----- put --------------------------------------------------------------------------------
+
+    async def put(
+        self,
+        model: ModelKey,
+        token_ids: Sequence[int] | np.ndarray,
+        chunks: Sequence[ChunkBlobs],
+        *,
+        ttl: float | None = None,
+        pin: bool = False,
+        name: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> PutResult:
+        """Store and commit a context: one ``ChunkBlobs`` per full chunk of ``token_ids``, in order.
+
+        ``ttl`` in seconds (None/0 = ``default_ttl``); ``pin`` stores every key without expiry.
+        Idempotent; blobs already stored are not rewritten (dedup) but their TTL is refreshed.
+        """
+        ns = model.namespace
+        hashes = self.context_hashes(model, token_ids)
+        if not hashes:
+            raise InvalidRequest(f"no full chunk: need at least {model.chunk_tokens} token ids")
+        if name:
+            check_context_name(name)
+        if ttl is not None and ttl < 0:
+            raise InvalidRequest(f"ttl must be >= 0, got {ttl}")
+        self._check_chunks(model, len(hashes), chunks)
+        ctx = hashes[-1]
+        man_key = manifest_key(ns, ctx)
+        ttl_s = float(ttl) if ttl else self.default_ttl
+
+        rec_keys = [record_key(ns, h) for h in hashes]
+        old_man_raw, *old_recs_raw = await self.backend.get_many([man_key, *rec_keys])
+        old_man = self._parse_manifest(man_key, old_man_raw)
+        pin = pin or (old_man is not None and old_man.info.pinned)  # re-putting never unpins
+        pin_sets = await asyncio.gather(*(self.backend.set_members(pins_key(ns, h)) for h in hashes))
+        # A chunk some pinned context holds stays pinned whatever this put's TTL is.
+        chunk_ttl = [None if pin or (pins - {ctx}) else ttl_s for pins in pin_sets]
+        old_recs = [
+            self._parse_record(k, r, h, i)
+            for i, (k, r, h) in enumerate(zip(rec_keys, old_recs_raw, hashes, strict=True))
+        ]
+
+        # 1. blobs: write the missing ones, refresh the TTL of the others.
+        blob_items = [
+            (i, blob_key(ns, h, lv), Kind.CHUNK, lv, data)
+            for i, (h, ch) in enumerate(zip(hashes, chunks, strict=True))
+            for lv, data in sorted(ch.levels.items())
+        ] + [
+            (i, sidecar_key(ns, h, s), Kind.SIDECAR, 0, data)
+            for i, (h, ch) in enumerate(zip(hashes, chunks, strict=True))
+            for s, data in sorted(ch.sidecars.items())
+        ]
+        present = await self.backend.exists_many([k for _, k, *_ in blob_items])
+        new_by_ttl: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
+        old_by_ttl: dict[float | None, list[str]] = defaultdict(list)
+        bytes_written = 0
+        for (i, key, kind, lv, data), exists in zip(blob_items, present, strict=True):
+            if exists:
+                old_by_ttl[chunk_ttl[i]].append(key)
+                continue
+            codec_id = codec.inspect(data).codec_id if kind == Kind.CHUNK else 0
+            env = Envelope(kind, model.model_id, data, codec_id=codec_id, level=lv)
+            new_by_ttl[chunk_ttl[i]].append((key, seal(key, env)))
+            bytes_written += len(data)
+        for t, items in new_by_ttl.items():
+            await self.backend.put_many(items, t)
+        for t, keys in old_by_ttl.items():
+            await self.backend.set_ttl(keys, t)
+
+        # 2. refcount and pin sets.
+        await asyncio.gather(
+            *(self.backend.set_add(refs_key(ns, h), [ctx], t) for h, t in zip(hashes, chunk_ttl, strict=True))
+        )
+        if pin:
+            await asyncio.gather(*(self.backend.set_add(pins_key(ns, h), [ctx], None) for h in hashes))
+
+        # 3. chunk records (merged with what an earlier writer recorded), 4. manifest, 5. name.
+        recs_by_ttl: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
+        level_bytes: dict[int, int] = defaultdict(int)
+        total_bytes = 0
+        n = model.chunk_tokens
+        for i, (h, ch, old) in enumerate(zip(hashes, chunks, old_recs, strict=True)):
+            sizes = {lv.level: lv.size_bytes for lv in old.levels} if old else {}
+            sizes.update({lv: len(b) for lv, b in ch.levels.items()})
+            sidecars = sorted(set(old.sidecars if old else ()) | set(ch.sidecars))
+            info = pb.ChunkInfo(
+                index=i,
+                hash=h,
+                token_start=i * n,
+                token_end=(i + 1) * n,
+                levels=[pb.LevelInfo(level=lv, size_bytes=sz) for lv, sz in sorted(sizes.items())],
+                sidecars=sidecars,
+            )
+            key = rec_keys[i]
+            recs_by_ttl[chunk_ttl[i]].append(
+                (key, seal(key, Envelope(Kind.CHUNK_RECORD, model.model_id, info.SerializeToString())))
+            )
+            for lv, b in ch.levels.items():
+                level_bytes[lv] += len(b)
+            total_bytes += sum(len(b) for b in ch.levels.values()) + sum(len(b) for b in ch.sidecars.values())
+        for t, items in recs_by_ttl.items():
+            await self.backend.put_many(items, t)
+
+        name = name or (old_man.info.name if old_man else "")
+        man_ttl = None if pin else ttl_s
+        man = pb.Manifest(
+            info=pb.ContextInfo(
+                context_id=ctx,
+                name=name,
+                model=model_to_pb(model),
+                num_chunks=len(hashes),
+                num_tokens=len(hashes) * n,
+                level_bytes=[pb.LevelInfo(level=lv, size_bytes=sz) for lv, sz in sorted(level_bytes.items())],
+                total_bytes=total_bytes,
+                pinned=pin,
+                # Stored form: the configured TTL (-1 = put pinned); GetContext reports the remaining one.
+                ttl_seconds=-1.0 if pin and not ttl else ttl_s,
+                created_unix=time.time(),
+                metadata=dict(metadata or {}),
+            ),
+            chunk_hashes=hashes,
+            token_ids=token_array(token_ids)[: len(hashes) * n].tolist(),
+        )
+        await self.backend.put(
+            man_key, seal(man_key, Envelope(Kind.MANIFEST, model.model_id, man.SerializeToString())), man_ttl
+        )
+        if name:
+            nk = name_key(ns, name)
+            await self.backend.put(nk, seal(nk, Envelope(Kind.NAME_INDEX, model.model_id, ctx)), man_ttl)
+        dedup = sum(1 for r in old_recs if r is not None)
+        return PutResult(ctx, len(hashes), len(hashes) * n, bytes_written, dedup)
+
+    # ----- lookup and reads -------------------------------------------------------------------
+
+    async def lookup(
+        self,
+        model: ModelKey,
+        token_ids: Sequence[int] | np.ndarray | None = None,
+        hashes: Sequence[bytes] | None = None,
+    ) -> LookupResult:
+        """Longest committed, verified prefix of the context given by ``token_ids`` or ``hashes``."""
+        if hashes is None:
+            if token_ids is None:
+                raise InvalidRequest("lookup needs token ids or chunk hashes")
+            hashes = self.context_hashes(model, token_ids)
+        else:
+            if len(hashes) > self.max_context_chunks:
+                raise LimitExceeded(f"{len(hashes)} chunk hashes > {self.max_context_chunks}")
+            for h in hashes:
+                if len(h) != HASH_BYTES:
+                    raise InvalidRequest(f"chunk hashes are {HASH_BYTES} bytes, got one of {len(h)}")
+        ns = model.namespace
+        keys = [record_key(ns, h) for h in hashes]
+        raws = await self.backend.get_many(keys) if keys else []
+        found: list[pb.ChunkInfo] = []
+        for i, (key, raw, h) in enumerate(zip(keys, raws, hashes, strict=True)):
+            info = self._parse_record(key, raw, h, i)
+            if info is None:
+                break
+            found.append(info)
+        self.metrics.lookup_chunks.labels("hit").inc(len(found))
+        self.metrics.lookup_chunks.labels("miss").inc(len(hashes) - len(found))
+        return LookupResult(model.chunk_tokens, found)
+
+    async def read_blob(self, model: ModelKey, info: pb.ChunkInfo, level: int) -> bytes | None:
+        """The verified codec blob of chunk ``info`` at ``level``; None when missing or corrupt."""
+        key = blob_key(model.namespace, info.hash, level)
+        raw = await self.backend.get(key)
+        if raw is None:
+            self.metrics.chunk_reads.labels("miss").inc()
+            log.info("chunk miss key=%s", key)
+            return None
+        env = self._open(key, raw, Kind.CHUNK)
+        body = None if env is None else env.body
+        if env is not None and env.level != level:
+            self._corrupt(key, Kind.CHUNK, f"envelope level {env.level} != {level}")
+            body = None
+        if body is not None:
+            try:
+                binfo = codec.inspect(body)
+                if binfo.level != level or binfo.shape[2] != model.chunk_tokens:
+                    raise codec.CodecError(f"blob level {binfo.level} / shape {binfo.shape} do not match")
+            except codec.CodecError as e:
+                self._corrupt(key, Kind.CHUNK, str(e))
+                body = None
+        self.metrics.chunk_reads.labels("hit" if body is not None else "corrupt").inc()
+        return body
+
+    async def read_sidecar(self, model: ModelKey, info: pb.ChunkInfo, name: str) -> bytes | None:
+        """The verified sidecar ``name`` of chunk ``info``; None when missing or corrupt."""
+        key = sidecar_key(model.namespace, info.hash, name)
+        env = self._open(key, await self.backend.get(key), Kind.SIDECAR)
+        return None if env is None else env.body
+
+    # ----- contexts ---------------------------------------------------------------------------
+
+    async def resolve(self, model: ModelKey, query: ContextQuery) -> bytes:
+        """Context id named by ``query`` (token ids, context id or name); raises ``ContextNotFound``."""
+        if query.context_id is not None:
+            if len(query.context_id) != HASH_BYTES:
+                raise InvalidRequest(f"context ids are {HASH_BYTES} bytes, got {len(query.context_id)}")
+            return query.context_id
+        if query.token_ids is not None:
+            hashes = self.context_hashes(model, query.token_ids)
+            if not hashes:
+                raise InvalidRequest(f"no full chunk: need at least {model.chunk_tokens} token ids")
+            return hashes[-1]
+        if query.name:
+            check_context_name(query.name)
+            key = name_key(model.namespace, query.name)
+            env = self._open(key, await self.backend.get(key), Kind.NAME_INDEX)
+            if env is None or len(env.body) != HASH_BYTES:
+                raise ContextNotFound(f"no context named {query.name!r} in namespace {model.namespace!r}")
+            return env.body
+        raise InvalidRequest("a context reference needs token ids, a context id or a name")
+
+    async def manifest(self, ns: str, context_id: bytes) -> pb.Manifest:
+        """The verified manifest of a committed context; raises ``ContextNotFound``."""
+        key = manifest_key(ns, context_id)
+        man = self._parse_manifest(key, await self.backend.get(key))
+        if man is None:
+            raise ContextNotFound(f"no committed context {context_id.hex()[:16]}… in namespace {ns!r}")
+        return man
+
+    async def _with_remaining_ttl(self, ns: str, man: pb.Manifest) -> pb.ContextInfo:
+        info = pb.ContextInfo()
+        info.CopyFrom(man.info)
+        try:
+            remaining = await self.backend.get_ttl(manifest_key(ns, info.context_id))
+        except KeyError:
+            raise ContextNotFound(f"context {info.context_id.hex()[:16]}… expired") from None
+        info.ttl_seconds = -1.0 if remaining is None else remaining
+        return info
+
+    async def get_context(self, model: ModelKey, query: ContextQuery) -> pb.ContextInfo:
+        ctx = await self.resolve(model, query)
+        return await self._with_remaining_ttl(model.namespace, await self.manifest(model.namespace, ctx))
+
+    async def _records(self, ns: str, hashes: Sequence[bytes]) -> list[pb.ChunkInfo | None]:
+        keys = [record_key(ns, h) for h in hashes]
+        raws = await self.backend.get_many(keys)
+        return [
+            self._parse_record(k, r, h, i) for i, (k, r, h) in enumerate(zip(keys, raws, hashes, strict=True))
+        ]
+
+    async def delete(self, model: ModelKey, query: ContextQuery) -> int:
+        """Drop a context; frees chunks no other context references. Returns the chunks freed."""
+        ns = model.namespace
+        ctx = await self.resolve(model, query)
+        man = await self.manifest(ns, ctx)
+        await self.backend.delete_many([manifest_key(ns, ctx)])  # invisible first
+        hashes = list(man.chunk_hashes)
+        records = await self._records(ns, hashes)
+
+        async def release(h: bytes, rec: pb.ChunkInfo | None) -> bool:
+            refs_left = await self.backend.set_remove(refs_key(ns, h), [ctx])
+            pins_left = await self.backend.set_remove(pins_key(ns, h), [ctx])
+            keys = _chunk_keys(ns, h, rec.sidecars if rec else ())
+            if refs_left == 0:
+                await self.backend.delete_many(keys)
+                return True
+            if man.info.pinned and pins_left == 0:
+                await self.backend.set_ttl(keys, self.default_ttl)
+            return False
+
+        freed = await asyncio.gather(*(release(h, r) for h, r in zip(hashes, records, strict=True)))
+        await self._drop_name(ns, man.info.name, ctx)
+        return sum(freed)
+
+    async def _drop_name(self, ns: str, name: str, ctx: bytes) -> None:
+        if not name:
+            return
+        key = name_key(ns, name)
+        env = self._open(key, await self.backend.get(key), Kind.NAME_INDEX)
+        if env is not None and env.body == ctx:
+            await self.backend.delete_many([key])
+
+    async def set_pinned(self, model: ModelKey, query: ContextQuery, pinned: bool) -> tuple[bool, int]:
+        """Pin (no TTL, never evicted) or unpin a context; returns ``(pinned, chunks)``.
+
+        Unpinning restores the context's TTL on chunks that no other pinned context holds.
+        """
+        ns = model.namespace
+        ctx = await self.resolve(model, query)
+        man = await self.manifest(ns, ctx)
+        hashes = list(man.chunk_hashes)
+        records = await self._records(ns, hashes)
+        ttl = man.info.ttl_seconds if man.info.ttl_seconds > 0 else self.default_ttl
+
+        async def apply(h: bytes, rec: pb.ChunkInfo | None) -> None:
+            keys = _chunk_keys(ns, h, rec.sidecars if rec else ())
+            if pinned:
+                await self.backend.set_add(pins_key(ns, h), [ctx], None)
+                await self.backend.set_add(refs_key(ns, h), [ctx], None)
+                await self.backend.set_ttl(keys, None)
+            elif await self.backend.set_remove(pins_key(ns, h), [ctx]) == 0:
+                await self.backend.set_ttl(keys, ttl)
+
+        await asyncio.gather(*(apply(h, r) for h, r in zip(hashes, records, strict=True)))
+        man.info.pinned = pinned
+        key = manifest_key(ns, ctx)
+        man_ttl = None if pinned else ttl
+        await self.backend.put(
+            key, seal(key, Envelope(Kind.MANIFEST, man.info.model.model_id, man.SerializeToString())), man_ttl
+        )
+        if man.info.name:
+            await self.backend.set_ttl([name_key(ns, man.info.name)], man_ttl)
+        return pinned, len(hashes)
+
+    async def _manifests(self, ns: str | None) -> list[tuple[str, pb.Manifest]]:
+        """All verified manifests of namespace ``ns`` (None = every namespace)."""
+        keys = [k async for k in self.backend.scan(_manifest_pattern(ns))]
+        out: list[tuple[str, pb.Manifest]] = []
+        for start in range(0, len(keys), _MANIFEST_BATCH):
+            batch = keys[start : start + _MANIFEST_BATCH]
+            for key, raw in zip(batch, await self.backend.get_many(batch), strict=True):
+                man = self._parse_manifest(key, raw)
+                # The scan pattern is a glob: "a:*" also matches namespace "a:b"; filter exactly.
+                if man is not None and (ns is None or man.info.model.namespace == ns):
+                    out.append((man.info.model.namespace, man))
+        return out
+
+    async def list_contexts(
+        self, namespace: str = "", model_id: str = "", limit: int = 0
+    ) -> list[pb.ContextInfo]:
+        """Committed contexts of ``namespace`` (""=default), newest first, optionally of one model."""
+        ns = namespace or DEFAULT_NAMESPACE
+        mans = [m for _, m in await self._manifests(ns) if not model_id or m.info.model.model_id == model_id]
+        mans.sort(key=lambda m: (-m.info.created_unix, m.info.context_id))
+        mans = mans[: limit or 1000]
+        infos = await asyncio.gather(*(self._with_remaining_ttl(ns, m) for m in mans), return_exceptions=True)
+        return [i for i in infos if isinstance(i, pb.ContextInfo)]  # ones that expired meanwhile drop out
+
+    async def stat(self, namespace: str = "") -> pb.StatResponse:
+        """Backend usage plus context counts of ``namespace`` ("" = whole store)."""
+        stats = await self.backend.stats()
+        mans = await self._manifests(namespace or None)
+        self.metrics.store_used_bytes.set(stats.used_bytes)
+        self.metrics.store_keys.set(stats.keys)
+        self.metrics.store_evictions.set(stats.evictions)
+        return pb.StatResponse(
+            backend=stats.name,
+            used_bytes=stats.used_bytes,
+            capacity_bytes=stats.capacity_bytes,
+            keys=stats.keys,
+            contexts=len(mans),
+            pinned_contexts=sum(1 for _, m in mans if m.info.pinned),
+            evictions=stats.evictions,
+        )
+
+
+def check_sidecar_name(name: str) -> None:
+    if not _SIDECAR_NAME.fullmatch(name):
+        raise InvalidRequest(f"sidecar name {name!r}: use 1-64 characters from [A-Za-z0-9._-]")
+
+
+def check_context_name(name: str) -> None:
+    if not _CONTEXT_NAME.fullmatch(name):
+        raise InvalidRequest(f"context name {name!r}: use 1-200 characters from [A-Za-z0-9._/@:+-]")

@@ -1,0 +1,249 @@
+"""ChunkStore semantics on every backend: visibility, dedup, refcounted delete, pins, corruption, races."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+import codec
+from kvstore.backends import BackendError, StorageBackend, open_backend
+from kvstore.envelope import Kind, open_envelope
+from kvstore.keys import ModelKey, chunk_hashes
+from kvstore.rpc import pb
+from kvstore.store import (
+    ChunkBlobs,
+    ChunkStore,
+    ContextNotFound,
+    ContextQuery,
+    InvalidRequest,
+    blob_key,
+    manifest_key,
+    record_key,
+)
+
+N = 16  # chunk_tokens
+
+
+@pytest.fixture(params=["memory", "embedded", "redis", "redis_cluster"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StorageBackend]:
+    url = {
+        "memory": lambda: "memory://",
+        "embedded": lambda: f"embedded://{tmp_path / 'db'}",
+        "redis": lambda: request.getfixturevalue("redis_url"),
+        "redis_cluster": lambda: request.getfixturevalue("redis_cluster_url"),
+    }[request.param]()
+    b = open_backend(url)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+def model() -> ModelKey:
+    # A fresh namespace per test: the Redis fixtures are shared by the whole session.
+    return ModelKey("stories260K", namespace=f"t{uuid.uuid4().hex[:12]}", chunk_tokens=N)
+
+
+@pytest.fixture
+def store(backend: StorageBackend) -> ChunkStore:
+    return ChunkStore(backend, default_ttl=3600)
+
+
+def _kv(tokens: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(2, 2, tokens, 2, 4, generator=torch.Generator().manual_seed(seed)).half()
+
+
+def _blobs(kv: torch.Tensor, levels: Sequence[int] = (0,)) -> list[ChunkBlobs]:
+    return [
+        ChunkBlobs({lv: codec.encode(kv[:, :, i * N : (i + 1) * N], lv) for lv in levels})
+        for i in range(kv.shape[2] // N)
+    ]
+
+
+async def _keys(backend: StorageBackend, model: ModelKey, suffix: str = "*") -> list[str]:
+    return sorted([k async for k in backend.scan("kvs:{" + model.namespace + ":*}:" + suffix)])
+
+
+def _corrupted(store: ChunkStore, kind: Kind) -> float:
+    return (
+        store.metrics.registry.get_sample_value("kvstream_corrupt_records_total", {"kind": kind.name.lower()})
+        or 0
+    )
+
+
+async def test_put_lookup_and_partial_uploads(store: ChunkStore, model: ModelKey) -> None:
+    ids = list(range(3 * N + 5))
+    kv = _kv(len(ids))
+    res = await store.put(model, ids, _blobs(kv), name="doc", metadata={"k": "v"})
+    assert (res.stored_chunks, res.stored_tokens, res.dedup_chunks) == (3, 3 * N, 0)
+    assert res.context_id == chunk_hashes(model, ids)[-1]
+    look = await store.lookup(model, ids + [7] * N)  # a longer query: the stored prefix is found
+    assert (look.prefix_chunks, look.prefix_tokens) == (3, 3 * N)
+    assert [c.token_end for c in look.chunks] == [N, 2 * N, 3 * N]
+    assert (await store.lookup(model, hashes=chunk_hashes(model, ids)[:2])).prefix_chunks == 2
+    info = await store.get_context(model, ContextQuery(name="doc"))
+    assert info.metadata["k"] == "v" and info.num_tokens == 3 * N and 3500 < info.ttl_seconds <= 3600
+    blob = await store.read_blob(model, look.chunks[1], 0)
+    assert blob is not None and torch.equal(codec.decode(blob), kv[:, :, N : 2 * N])
+
+    # A put that fails before its manifest is written commits no context.
+    other = ModelKey("other", namespace=model.namespace, chunk_tokens=N)
+    real_put = store.backend.put
+
+    async def failing_put(key: str, value: bytes, ttl: float | None) -> None:
+        raise BackendError("connection lost")
+
+    store.backend.put = failing_put  # type: ignore[method-assign]
+    with pytest.raises(BackendError):
+        await store.put(other, ids, _blobs(kv))
+    store.backend.put = real_put  # type: ignore[method-assign]
+    assert len(await _keys(store.backend, model, "man")) == 1
+    with pytest.raises(ContextNotFound):
+        await store.get_context(other, ContextQuery(token_ids=ids))
+
+
+async def test_invalid_puts_write_nothing(store: ChunkStore, model: ModelKey) -> None:
+    ids = list(range(2 * N))
+    good = _blobs(_kv(2 * N))
+    wide = ChunkBlobs({0: codec.encode(torch.zeros(2, 2, N, 3, 4, dtype=torch.float16), 0)})
+    cases: list[tuple[Sequence[ChunkBlobs], str]] = [
+        ([good[0], wide], "shape"),
+        ([good[0]], "2 full chunks"),
+        ([good[0], ChunkBlobs({})], "no codec level"),
+        ([good[0], ChunkBlobs({2: good[1].levels[0]})], "declared level 2"),
+        ([good[0], ChunkBlobs({0: good[1].levels[0][:-1]})], "chunk 1"),
+        ([good[0], ChunkBlobs({0: good[1].levels[0]}, {"bad name": b"x"})], "sidecar name"),
+    ]
+    for chunks, needle in cases:
+        with pytest.raises(InvalidRequest, match=needle):
+            await store.put(model, ids, chunks)
+    with pytest.raises(InvalidRequest, match="no full chunk"):
+        await store.put(model, ids[: N - 1], [])
+    with pytest.raises(InvalidRequest):
+        await store.put(model, [-1] * N, good[:1])
+    with pytest.raises(InvalidRequest, match="dtype"):
+        await store.put(ModelKey("m", namespace=model.namespace, dtype="bfloat16", chunk_tokens=N), ids, good)
+    assert await _keys(store.backend, model) == []
+
+
+async def test_shared_prefixes_are_stored_once_and_survive_delete(store: ChunkStore, model: ModelKey) -> None:
+    a_ids = list(range(3 * N))
+    b_ids = a_ids[: 2 * N] + [9] * N  # shares the first two chunks with a
+    kv_a, kv_b = _kv(3 * N, 1), _kv(3 * N, 1)
+    kv_b[:, :, 2 * N :] = _kv(N, 2)
+    a = await store.put(model, a_ids, _blobs(kv_a))
+    b = await store.put(model, b_ids, _blobs(kv_b))
+    assert (b.dedup_chunks, b.bytes_written) == (2, len(_blobs(kv_b)[2].levels[0]))
+    assert len(await _keys(store.backend, model, "L0")) == 4
+    assert len(await _keys(store.backend, model, "man")) == 2
+
+    assert await store.delete(model, ContextQuery(context_id=a.context_id)) == 1  # only a's own chunk
+    assert (await store.lookup(model, b_ids)).prefix_chunks == 3
+    assert (await store.lookup(model, a_ids)).prefix_chunks == 2  # the shared prefix is still there
+    with pytest.raises(ContextNotFound):
+        await store.get_context(model, ContextQuery(context_id=a.context_id))
+    assert await store.delete(model, ContextQuery(token_ids=b_ids)) == 3
+    assert await _keys(store.backend, model) == []
+
+
+async def test_pin_and_unpin_ttls(store: ChunkStore, model: ModelKey) -> None:
+    backend = store.backend
+    a_ids, b_ids = list(range(2 * N)), list(range(N)) + [5] * N
+    a = await store.put(model, a_ids, _blobs(_kv(2 * N)), ttl=100, pin=True, name="pinned")
+    ha, hb = chunk_hashes(model, a_ids), chunk_hashes(model, b_ids)
+    assert await backend.get_ttl(blob_key(model.namespace, ha[1], 0)) is None
+    assert await backend.get_ttl(manifest_key(model.namespace, a.context_id)) is None
+    await store.put(model, b_ids, _blobs(_kv(2 * N)), ttl=50)  # shares chunk 0 with the pinned context
+    assert await backend.get_ttl(blob_key(model.namespace, ha[0], 0)) is None  # stays pinned
+    assert 0 < (await backend.get_ttl(blob_key(model.namespace, hb[1], 0)) or 0) <= 50
+    info = await store.get_context(model, ContextQuery(name="pinned"))
+    assert info.pinned and info.ttl_seconds == -1
+    assert (await store.stat(model.namespace)).pinned_contexts == 1
+
+    assert await store.set_pinned(model, ContextQuery(name="pinned"), False) == (False, 2)
+    for key in (
+        blob_key(model.namespace, ha[0], 0),
+        record_key(model.namespace, ha[1]),
+        manifest_key(model.namespace, a.context_id),
+    ):
+        assert 90 < (await backend.get_ttl(key) or 0) <= 100, key
+    info = await store.get_context(model, ContextQuery(name="pinned"))
+    assert not info.pinned and 90 < info.ttl_seconds <= 100
+
+
+async def test_corrupt_records_give_a_shorter_verified_prefix(store: ChunkStore, model: ModelKey) -> None:
+    ids = list(range(4 * N))
+    await store.put(model, ids, _blobs(_kv(4 * N)))
+    hashes = chunk_hashes(model, ids)
+    key = record_key(model.namespace, hashes[2])
+    raw = bytearray((await store.backend.get_many([key]))[0] or b"")
+    raw[-12] ^= 0x01
+    await store.backend.put_many([(key, bytes(raw))], 3600)
+    look = await store.lookup(model, ids)
+    assert look.prefix_chunks == 2 and _corrupted(store, Kind.CHUNK_RECORD) == 1
+
+    # A valid record stored under another chunk's key is rejected too (the envelope binds the key).
+    rec0 = (await store.backend.get_many([record_key(model.namespace, hashes[0])]))[0]
+    await store.backend.put_many([(record_key(model.namespace, hashes[1]), rec0 or b"")], 3600)
+    assert (await store.lookup(model, ids)).prefix_chunks == 1
+    assert _corrupted(store, Kind.CHUNK_RECORD) == 2
+
+    # A corrupt blob is a miss on read, never wrong bytes.
+    bkey = blob_key(model.namespace, hashes[0], 0)
+    raw = bytearray((await store.backend.get_many([bkey]))[0] or b"")
+    raw[100] ^= 0x80
+    await store.backend.put_many([(bkey, bytes(raw))], 3600)
+    assert await store.read_blob(model, look.chunks[0], 0) is None
+    assert _corrupted(store, Kind.CHUNK) == 1
+
+
+async def test_concurrent_writers_of_one_context(store: ChunkStore, model: ModelKey) -> None:
+    ids = list(range(3 * N))
+    kv = _kv(3 * N, 4)
+    results = await asyncio.gather(*(store.put(model, ids, _blobs(kv, (0, 2))) for _ in range(8)))
+    assert len({r.context_id for r in results}) == 1
+    assert len(await _keys(store.backend, model, "man")) == 1
+    assert len(await _keys(store.backend, model, "rec")) == 3
+    look = await store.lookup(model, ids)
+    assert look.prefix_chunks == 3 and all([lv.level for lv in c.levels] == [0, 2] for c in look.chunks)
+    expected = _blobs(kv, (0, 2))
+    for c in look.chunks:
+        for lv in (0, 2):
+            assert await store.read_blob(model, c, lv) == expected[c.index].levels[lv]
+    man_key = manifest_key(model.namespace, results[0].context_id)
+    man = pb.Manifest.FromString(
+        open_envelope(man_key, (await store.backend.get_many([man_key]))[0] or b"", Kind.MANIFEST).body
+    )
+    assert list(man.token_ids) == ids and list(man.chunk_hashes) == chunk_hashes(model, ids)
+
+
+async def test_levels_and_sidecars_accumulate(store: ChunkStore, model: ModelKey) -> None:
+    ids = list(range(N))
+    kv = _kv(N)
+    await store.put(model, ids, _blobs(kv, (0,)))
+    lossy = _blobs(kv, (2,))[0]
+    lossy.sidecars["sparse.idx"] = b"\x01\x02"
+    res = await store.put(model, ids, [lossy])
+    assert res.dedup_chunks == 1
+    (chunk,) = (await store.lookup(model, ids)).chunks
+    assert [lv.level for lv in chunk.levels] == [0, 2] and list(chunk.sidecars) == ["sparse.idx"]
+    assert await store.read_sidecar(model, chunk, "sparse.idx") == b"\x01\x02"
+
+
+async def test_list_and_stat_by_namespace(store: ChunkStore, model: ModelKey) -> None:
+    other = ModelKey("other-model", namespace=model.namespace, chunk_tokens=N)
+    elsewhere = ModelKey("stories260K", namespace=model.namespace + ":b", chunk_tokens=N)
+    for i, m in enumerate((model, other, elsewhere)):
+        await store.put(m, list(range(i, i + N)), _blobs(_kv(N, i)), name=f"c{i}")
+    listed = await store.list_contexts(model.namespace)
+    assert sorted(c.name for c in listed) == ["c0", "c1"]
+    assert [c.name for c in await store.list_contexts(model.namespace, model_id="other-model")] == ["c1"]
+    assert len(await store.list_contexts(model.namespace, limit=1)) == 1
+    stat = await store.stat(model.namespace)
+    assert stat.contexts == 2 and stat.keys > 0 and stat.backend == store.backend.name
