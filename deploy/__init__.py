@@ -1,0 +1,1 @@
+"""Launchers, local clusters, network shaping and the end-to-end demo."""
