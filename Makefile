@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev demo test lint proto bench bench-gpu
+.PHONY: setup setup-dev demo test lint proto bench bench-gpu cluster-demo
 
 setup:  ## runtime venv
 	deploy/setup.sh
@@ -31,3 +31,6 @@ bench: setup-dev  ## CPU benchmarks, JSON into reports/bench/
 bench-gpu: setup-dev  ## GPU kernel benchmarks (needs CUDA)
 	mkdir -p reports/bench
 	$(PY) -m benchmarks.kernels_bench_gpu --json reports/bench/kernels_gpu.json
+
+cluster-demo: setup-dev  ## 3+3 Redis Cluster + 3 front ends on loopback, smoke workload, clean shutdown
+	$(PY) -m deploy.cluster_demo --front-ends 3
