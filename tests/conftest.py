@@ -10,7 +10,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+# Triton reads TRITON_INTERPRET when its modules are first imported, and other tests (transformers,
+# torch) may import it before the kernel tests run: set it before anything else. This machine and CI
+# have no GPU, so every Triton kernel runs in the interpreter against its torch twin.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from deploy.redis_cluster import LocalCluster, RedisProcess, redis_server_path, start_cluster, start_server
 
