@@ -6,7 +6,8 @@
 Timing: CUDA events around each call after warm-up, median (and p10/p90) over ``--reps`` calls; on CPU,
 ``perf_counter``. Each kernel is also checked against its twin (max abs difference in the JSON). Sparse
 attention reports achieved GB/s = bytes the kernel must read/write (gathered K/V rows, indices, q, output) /
-median time. Triton runs on CPU only under ``TRITON_INTERPRET=1`` (slow; useful to exercise this script).
+median time; codec decode reports GB/s of decoded output. Triton runs on CPU only under
+``TRITON_INTERPRET=1`` (slow; useful to exercise this script).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import codec
 from kernels import centroid_scores, gather_rope, kmeans, pq_scores, sparse_attention
+from kernels import codec_decode as codec_decode_twin
 from kernels.dispatch import triton_available
 
 Fn = Callable[[], object]
@@ -213,6 +216,34 @@ def _cases(device: torch.device, dtype: torch.dtype, quick: bool, use_triton: bo
         km = tri("kmeans")
         case.impls["triton"] = lambda: km.kmeans_update(x, assign, n_c, cent)
         case.check = (case.impls["triton"], case.impls["torch_twin"])
+    cases.append(case)
+
+    # --- codec decode: one Llama-8B-shaped 256-token chunk at the default level; GB/s of decoded output
+    shape = (2, 2, 8, 1, 32) if quick else (32, 2, 256, 8, 128)
+    chan = shape[3] * shape[4]
+    base = torch.randn(shape[0], 2, 1, chan, generator=g) * 2  # per-channel offset and spread, like real KV
+    spread = torch.rand(shape[0], 2, 1, chan, generator=g) + 0.05
+    chunk = (base + torch.randn(shape[0], 2, shape[2], chan, generator=g) * spread).reshape(shape).to(dtype)
+    blob = codec.encode(chunk, codec.DEFAULT_LEVEL)
+    dec_out = torch.empty(shape, dtype=dtype, device=device)
+    case = Case(
+        "codec_decode",
+        {"shape": list(shape), "level": codec.DEFAULT_LEVEL, "dtype": str(dtype), "blob_bytes": len(blob)},
+        bytes_moved=chunk.numel() * esize,
+    )
+    # twin = codec.decode on the CPU (numba) + copy into the device buffer: the no-kernel path
+    case.impls["torch_twin"] = lambda: codec_decode_twin.codec_decode(blob, device, out=dec_out)
+    case.impls["codec.decode_cpu"] = lambda: codec.decode(blob, "cpu")
+    if use_triton:
+        cd = tri("codec_decode")
+        plan = cd.prepare(blob, device)  # kernel only: payload and side info already on the device
+        case.impls["triton"] = lambda: cd.launch(plan, dec_out)
+        # + checksum, parameter parsing and the compressed payload's host-to-device copy
+        case.impls["triton_end_to_end"] = lambda: cd.codec_decode(blob, device, out=dec_out)
+        case.check = (
+            lambda: cd.launch(plan, torch.empty_like(dec_out)),
+            lambda: codec_decode_twin.codec_decode(blob, device),
+        )
     cases.append(case)
     return cases
 

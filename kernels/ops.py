@@ -11,11 +11,33 @@ from __future__ import annotations
 import torch
 
 from kernels import centroid_scores as _cs
+from kernels import codec_decode as _cd
 from kernels import gather_rope as _gr
 from kernels import kmeans as _km
 from kernels import pq_scores as _pq
 from kernels import sparse_attention as _sa
 from kernels.dispatch import choose_backend, triton_module
+
+
+def codec_decode(
+    blob: bytes | bytearray | memoryview, device: str | torch.device = "cuda", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Decode a codec blob to ``[layers, 2, tokens, kv_heads, head_dim]`` (the blob's dtype) on ``device``.
+
+    Lossy blobs are entropy-decoded and dequantized on the GPU by a Triton kernel (the compressed bytes are
+    what crosses PCIe); lossless ones, and every blob off-GPU, use :func:`codec.decode` on the CPU. With
+    ``out`` (same shape and dtype, any strides, e.g. a token slice of a preallocated cache) the result is
+    written there and returned. Raises :class:`codec.CodecError` for malformed or corrupt blobs.
+    See :func:`kernels.codec_decode.codec_decode`.
+    """
+    # choose_backend decides from tensors: an empty one (no allocation) stands in for the target device
+    probe = out if out is not None else torch.empty(0, device=device)
+    if choose_backend(probe) == "triton":
+        fn = triton_module("codec_decode_triton").codec_decode
+    else:
+        fn = _cd.codec_decode
+    result: torch.Tensor = fn(blob, device, out)
+    return result
 
 
 def sparse_decode_attention(
