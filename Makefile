@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev demo test lint proto bench bench-gpu cluster-demo
+.PHONY: setup setup-dev demo test lint proto bench bench-gpu cluster-demo soak
 
 setup:  ## runtime venv
 	deploy/setup.sh
@@ -26,7 +26,7 @@ proto:  ## regenerate kvstore/rpc from proto/
 
 bench: setup-dev  ## CPU benchmarks, JSON into reports/bench/
 	mkdir -p reports/bench
-	$(PY) -m benchmarks.run --out reports/bench
+	$(PY) -m benchmarks.run --out reports/bench $(BENCH_ARGS)
 
 bench-gpu: setup-dev  ## GPU kernel benchmarks (needs CUDA)
 	mkdir -p reports/bench
@@ -34,3 +34,7 @@ bench-gpu: setup-dev  ## GPU kernel benchmarks (needs CUDA)
 
 cluster-demo: setup-dev  ## 3+3 Redis Cluster + 3 front ends on loopback, smoke workload, clean shutdown
 	$(PY) -m deploy.cluster_demo --front-ends 3
+
+soak: setup-dev  ## bounded 5-minute load soak over a local Redis Cluster (JSON into reports/bench/)
+	mkdir -p reports/bench
+	$(PY) -m benchmarks.soak --seconds 300 --json reports/bench/soak.json

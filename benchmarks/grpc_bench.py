@@ -227,12 +227,14 @@ def main() -> None:
     ap.add_argument("--backends", default="embedded,redis,redis-cluster",
                     help="comma-separated: embedded, memory, redis, redis-cluster")  # fmt: skip
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--json", action="store_true", help="print JSON only")
+    ap.add_argument("--json", default=None, help="write the JSON report here ('-' = stdout only)")
     args = ap.parse_args()
     out = run([b for b in args.backends.split(",") if b], args.reps)
-    if args.json:
+    if args.json == "-":
         print(json.dumps(out, indent=2))
         return
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"{'backend':<14}{'size':<6}{'put direct':>12}{'put gRPC':>10}{'ratio':>7}{'get direct':>12}"
           f"{'get gRPC':>10}{'ratio':>7}   (MB/s, median of {args.reps})")  # fmt: skip
     for name, sizes in out["results"].items():
