@@ -79,139 +79,188 @@ def build_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 FREQ, CUM, SLOT2SYM = build_tables()
+# Code length in bits of each (table, symbol): what the encoder minimises when it picks a table.
+COST_BITS = -np.log2(FREQ / PROB_SCALE)
+
+
+@njit(nogil=True, cache=True)
+def model_of(param: int) -> tuple[int, int]:
+    """Width byte -> (table id, shift ``s``): ``e = param - 64``; ``s = min(e//8 - 1, 12)`` if ``e >= 16``."""
+    e = int(param) - PARAM_BIAS
+    s = min(e // 8 - 1, MAX_SHIFT) if e >= 16 else 0
+    e2 = min(max(e - 8 * s, -PARAM_BIAS), 15)
+    if s > 0:
+        return N_DIRECT + min(max(e2 - 8, 0), N_SHIFTED - 1), s
+    return e2 + PARAM_BIAS, 0
+
+
+@njit(nogil=True, cache=True)
+def _models(param: np.ndarray, tid: np.ndarray, sbits: np.ndarray) -> None:
+    for i in range(param.shape[0]):
+        tid[i], sbits[i] = model_of(param[i])
 
 
 def param_to_model(param: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel width bytes -> (table id, shift ``s``), both int64 arrays shaped like ``param``."""
-    e = param.astype(np.int64) - PARAM_BIAS
-    s = np.clip(np.where(e >= 16, e // 8 - 1, 0), 0, MAX_SHIFT)
-    e2 = np.clip(e - 8 * s, -PARAM_BIAS, 15)
-    tid = np.where(s > 0, N_DIRECT + np.clip(e2 - 8, 0, N_SHIFTED - 1), e2 + PARAM_BIAS)
-    return tid, s
+    flat = np.ascontiguousarray(param, dtype=np.uint8).reshape(-1)
+    tid = np.empty(flat.shape[0], dtype=np.int64)
+    sbits = np.empty(flat.shape[0], dtype=np.int64)
+    _models(flat, tid, sbits)
+    return tid.reshape(param.shape), sbits.reshape(param.shape)
 
 
-def width_param(b: np.ndarray) -> np.ndarray:
-    """Mean absolute residual ``b`` (float) -> width byte (uint8)."""
-    with np.errstate(divide="ignore"):
-        code = np.rint(8.0 * np.log2(np.maximum(b, 2.0**-8))) + PARAM_BIAS
-    return np.clip(code, 0, 255).astype(np.uint8)
+@njit(nogil=True, cache=True)
+def width_of(b: float) -> int:
+    """Mean absolute residual ``b`` -> width byte ``clamp(rint(8*log2(max(b, 2**-8))) + 64, 0, 255)``."""
+    code = np.rint(8.0 * np.log2(max(b, 2.0**-8))) + PARAM_BIAS
+    return int(min(max(code, 0.0), 255.0))
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _put(x: int, start: int, f: int, out: np.ndarray, n: int) -> tuple[int, int]:
-    if x >= ((RANS_L >> SCALE_BITS) << 16) * f:
-        out[n] = x & 0xFFFF
-        n += 1
-        x >>= 16
-    return ((x // f) << SCALE_BITS) + (x % f) + start, n
+def build_decode_table(freq: np.ndarray, cum: np.ndarray) -> np.ndarray:
+    """Per (table, slot) one packed uint32 ``sym | f << 6 | (slot - cum[sym]) << 18`` (one load per op)."""
+    dec = np.zeros((freq.shape[0], PROB_SCALE), dtype=np.uint32)
+    slots = np.arange(PROB_SCALE, dtype=np.uint32)
+    for i in range(freq.shape[0]):
+        sym = np.repeat(np.arange(N_SYM, dtype=np.uint32), freq[i])
+        dec[i] = sym | (freq[i][sym] << 6) | ((slots - cum[i][sym]) << 18)
+    return dec
+
+
+DEC = build_decode_table(FREQ, CUM)
 
 
 @njit(nogil=True, cache=True)
 def encode_segment(d: np.ndarray, tid: np.ndarray, sbits: np.ndarray, w: int, freq: np.ndarray,
                    cum: np.ndarray, out: np.ndarray) -> tuple[int, np.ndarray]:
-    """Encode residuals ``d`` int64 ``[T, C]`` (``|d| < 2**23``) of one segment.
+    """Encode residuals ``d`` (int32/int64 ``[T, C]``, ``|d| < 2**23``) of one segment.
 
-    ``out`` (uint16, at least ``4*T*C`` long) receives the words in *emission* order (reverse of read
-    order). Returns (word count, final lane states uint32 ``[w]``).
+    ``out`` (uint16, at least ``4*T*C + 1`` long) receives the words in *emission* order (reverse of
+    read order). Returns (word count, final lane states uint32 ``[w]``).
     """
     t_len, c_len = d.shape
     rounds = c_len // w
     x = np.full(w, RANS_L, dtype=np.int64)
+    zb = np.empty(w, dtype=np.int64)
     n = 0
     for t in range(t_len - 1, -1, -1):
         for r in range(rounds - 1, -1, -1):
-            for j in range(w - 1, -1, -1):  # phase 3: low bits
-                c = r * w + j
-                s = sbits[c]
+            base = r * w
+            esc = False
+            for j in range(w):  # zigzag codes once per step, then the ops in reverse phase order
+                h = np.int64(d[t, base + j]) >> sbits[base + j]
+                z = (h << 1) ^ (h >> 63)
+                zb[j] = z
+                esc |= z >= ESCAPE
+            for j in range(w - 1, -1, -1):  # phase 3: s raw low bits, f = 2**(12-s): shifts only
+                s = sbits[base + j]
                 if s > 0:
-                    low = d[t, c] & ((1 << s) - 1)
-                    x[j], n = _put(x[j], low << (SCALE_BITS - s), 1 << (SCALE_BITS - s), out, n)
-            for j in range(w - 1, -1, -1):  # phase 2: escape low half
-                c = r * w + j
-                h = d[t, c] >> sbits[c]
-                z = 2 * h if h >= 0 else -2 * h - 1
-                if z >= ESCAPE:
-                    x[j], n = _put(x[j], z & 0xFFF, 1, out, n)
-            for j in range(w - 1, -1, -1):  # phase 1: escape high half
-                c = r * w + j
-                h = d[t, c] >> sbits[c]
-                z = 2 * h if h >= 0 else -2 * h - 1
-                if z >= ESCAPE:
-                    x[j], n = _put(x[j], z >> 12, 1, out, n)
+                    xj = x[j]
+                    emit = xj >= (np.int64(1) << (32 - s))  # x_max = 2**20 * f
+                    out[n] = xj & 0xFFFF  # written always, kept only if emitted (branch-free)
+                    n += emit
+                    xj = (xj >> 16) if emit else xj
+                    sh = SCALE_BITS - s
+                    low = np.int64(d[t, base + j]) & ((1 << s) - 1)
+                    x[j] = ((xj >> sh) << SCALE_BITS) + (xj & ((1 << sh) - 1)) + (low << sh)
+            if esc:
+                for half in range(2):  # phase 2 (low 12 bits), then phase 1 (high 12 bits); f = 1
+                    for j in range(w - 1, -1, -1):
+                        if zb[j] >= ESCAPE:
+                            xj = x[j]
+                            if xj >= (1 << 20):
+                                out[n] = xj & 0xFFFF
+                                n += 1
+                                xj >>= 16
+                            v = zb[j] & 0xFFF if half == 0 else zb[j] >> 12
+                            x[j] = (xj << SCALE_BITS) + v
             for j in range(w - 1, -1, -1):  # phase 0: model symbol
-                c = r * w + j
-                h = d[t, c] >> sbits[c]
-                z = 2 * h if h >= 0 else -2 * h - 1
-                sym = min(z, ESCAPE)
-                k = tid[c]
-                x[j], n = _put(x[j], cum[k, sym], freq[k, sym], out, n)
+                k = tid[base + j]
+                sym = min(zb[j], ESCAPE)
+                f = np.int64(freq[k, sym])
+                xj = x[j]
+                emit = xj >= (f << 20)
+                out[n] = xj & 0xFFFF
+                n += emit
+                xj = (xj >> 16) if emit else xj
+                # x < 2**32 and f < 2**12: the correctly rounded float64 quotient floors exactly
+                # (faster here than a float reciprocal with a fix-up, or an integer division).
+                q = np.int64(np.float64(xj) / np.float64(f))
+                x[j] = (q << SCALE_BITS) + xj - q * f + np.int64(cum[k, sym])
     return n, x.astype(np.uint32)
 
 
 @njit(nogil=True, cache=True)
-def decode_segment(init: np.ndarray, words: np.ndarray, tid: np.ndarray, sbits: np.ndarray, t_len: int,
-                   freq: np.ndarray, cum: np.ndarray, slot2sym: np.ndarray, d: np.ndarray) -> int:
-    """Decode one segment into residuals ``d`` int64 ``[T, C]``. Returns 0, or a negative error code:
-    -1 = ran out of words, -2 = words left over, -3 = final state is not 2**16.
+def decode_segment(words: np.ndarray, start: int, nw: int, w: int, tid: np.ndarray, sbits: np.ndarray,
+                   t_len: int, dec: np.ndarray, mu: np.ndarray, delta: np.float32, out: np.ndarray) -> int:
+    """Decode one segment and dequantize it into ``out`` float32 ``[T, C]``.
+
+    The segment is ``words[start : start + 2*w + nw]`` (uint16: ``w`` LE uint32 initial states, then
+    ``nw`` words); ``words`` must have at least ``4*w`` readable words past the segment (the renorm
+    reads are branch-free and overshoot is checked once per step). ``dec`` is :data:`DEC`. Returns 0 or a
+    negative error code: -1 = ran out of words, -2 = words left over, -3 = final state is not 2**16,
+    -4 = an initial state is below 2**16.
     """
-    w = init.shape[0]
-    c_len = d.shape[1]
+    c_len = out.shape[1]
     rounds = c_len // w
-    x = init.astype(np.int64)
-    zs = np.empty(w, dtype=np.int64)
-    esc = np.zeros(w, dtype=np.int64)
-    nw = words.shape[0]
-    pos = 0
+    x = np.empty(w, dtype=np.int64)
+    for j in range(w):
+        x[j] = np.int64(words[start + 2 * j]) | (np.int64(words[start + 2 * j + 1]) << 16)
+        if x[j] < RANS_L:
+            return -4
+    zb = np.empty(w, dtype=np.int64)
+    ev = np.zeros(w, dtype=np.int64)
+    pos = start + 2 * w
+    end = pos + nw
     mask = PROB_SCALE - 1
     for t in range(t_len):
         for r in range(rounds):
+            base = r * w
+            esc = False
             for j in range(w):  # phase 0
-                c = r * w + j
-                k = tid[c]
-                slot = x[j] & mask
-                sym = slot2sym[k, slot]
-                xj = np.int64(freq[k, sym]) * (x[j] >> SCALE_BITS) + slot - np.int64(cum[k, sym])
-                if xj < RANS_L:
-                    if pos >= nw:
-                        return -1
-                    xj = (xj << 16) | np.int64(words[pos])
-                    pos += 1
-                x[j] = xj
-                zs[j] = sym
-            for j in range(w):  # phases 1 and 2 read 12 raw bits each (f = 1): value = slot
-                if zs[j] >= ESCAPE:
-                    zs[j] = -1  # escape marker; the value is rebuilt from the two raw fields
-            for ph in range(2):
+                xj = x[j]
+                e = np.int64(dec[tid[base + j], xj & mask])
+                xj = ((e >> 6) & mask) * (xj >> SCALE_BITS) + (e >> 18)
+                need = xj < RANS_L
+                nxt = (xj << 16) | np.int64(words[pos])
+                x[j] = nxt if need else xj
+                pos += need
+                zb[j] = e & 63
+                esc |= (e & 63) == ESCAPE
+            if esc:
+                for half in range(2):  # phases 1 and 2: two raw 12-bit halves (f = 1: value = slot)
+                    for j in range(w):
+                        if zb[j] == ESCAPE:
+                            xj = x[j]
+                            v = xj & mask
+                            xj >>= SCALE_BITS
+                            if xj < RANS_L:
+                                xj = (xj << 16) | np.int64(words[pos])
+                                pos += 1
+                            x[j] = xj
+                            ev[j] = v if half == 0 else (ev[j] << 12) | v
                 for j in range(w):
-                    if zs[j] < 0:
-                        raw = np.int64(x[j] & mask)
-                        xj = x[j] >> SCALE_BITS
-                        if xj < RANS_L:
-                            if pos >= nw:
-                                return -1
-                            xj = (xj << 16) | np.int64(words[pos])
-                            pos += 1
-                        x[j] = xj
-                        esc[j] = raw if ph == 0 else (esc[j] << 12) | raw
-            for j in range(w):  # phase 3: low bits, then rebuild the residual
-                c = r * w + j
-                z = esc[j] if zs[j] < 0 else zs[j]
-                h = z >> 1 if (z & 1) == 0 else -((z + 1) >> 1)
+                    if zb[j] == ESCAPE:
+                        zb[j] = ev[j]
+            for j in range(w):  # phase 3: low bits, rebuild, dequantize
+                c = base + j
+                z = zb[j]
+                h = (z >> 1) ^ -(z & 1)
                 s = sbits[c]
                 low = np.int64(0)
                 if s > 0:
                     sh = SCALE_BITS - s
-                    slot = x[j] & mask
-                    low = np.int64(slot >> sh)
-                    xj = np.int64(1 << sh) * (x[j] >> SCALE_BITS) + slot - (np.int64(low) << sh)
-                    if xj < RANS_L:
-                        if pos >= nw:
-                            return -1
-                        xj = (xj << 16) | np.int64(words[pos])
-                        pos += 1
-                    x[j] = xj
-                d[t, c] = (h << s) + low
-    if pos != nw:
+                    xj = x[j]
+                    slot = xj & mask
+                    low = slot >> sh
+                    xj = ((xj >> SCALE_BITS) << sh) + (slot & ((1 << sh) - 1))
+                    need = xj < RANS_L
+                    nxt = (xj << 16) | np.int64(words[pos])
+                    x[j] = nxt if need else xj
+                    pos += need
+                out[t, c] = np.float32(mu[c] + (h << s) + low) * delta
+            if pos > end:
+                return -1
+    if pos != end:
         return -2
     for j in range(w):
         if x[j] != RANS_L:
@@ -220,6 +269,7 @@ def decode_segment(init: np.ndarray, words: np.ndarray, tid: np.ndarray, sbits: 
 
 
 __all__ = [
+    "COST_BITS",
     "CUM",
     "ESCAPE",
     "FREQ",
@@ -227,8 +277,10 @@ __all__ = [
     "N_SYM",
     "SCALE_BITS",
     "SLOT2SYM",
+    "DEC",
     "decode_segment",
     "encode_segment",
+    "model_of",
     "param_to_model",
-    "width_param",
+    "width_of",
 ]

@@ -88,11 +88,51 @@ def test_extreme_values_use_escapes() -> None:
         assert torch.equal(out, decode_reference(blob))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("level", (1, 2, 3, 4))
-def test_reference_decoder_matches(level: int) -> None:
-    kv = _kv((2, 2, 17, 2, 64), seed=7, dtype=torch.bfloat16)
+def test_reference_decoder_matches(level: int, dtype: torch.dtype) -> None:
+    kv = _kv((2, 2, 17, 2, 64), seed=7, dtype=dtype)
     blob = codec.encode(kv, level)
     assert torch.equal(decode_reference(blob), codec.decode(blob))
+
+
+def _f32_bit_patterns() -> np.ndarray:
+    """Random finite float32 bit patterns plus every pattern near the fp16 rounding boundaries."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    edges = [0x33000000, 0x38800000, 0x477FF000, 0x47800000]  # 2^-25, 2^-14, fp16 max region, 2^16
+    near = np.concatenate([np.arange(e - 3000, e + 3000) for e in edges] + [np.arange(0, 3000)])
+    bits = np.concatenate([bits, near.astype(np.uint32)])
+    bits = np.concatenate([bits, bits | np.uint32(0x80000000)])
+    return bits[np.isfinite(bits.view(np.float32))].reshape(1, -1)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_narrow_and_widen_match_torch(dtype: torch.dtype) -> None:
+    # The decoder rounds float32 to 16 bits itself; it must agree with torch's .to() bit for bit.
+    bits = _f32_bit_patterns()
+    got = np.empty(bits.shape, dtype=np.uint16)
+    lossy._narrow(bits, dtype == torch.bfloat16, got)
+    ref = torch.from_numpy(bits.view(np.float32)).to(dtype).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(got, ref)
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(1, -1)
+    wide = np.empty(every.shape, dtype=np.uint32)
+    lossy._widen(every, dtype == torch.bfloat16, lossy._F16_BITS, wide)
+    ref32 = torch.from_numpy(every.view(np.int16)).view(dtype).float().numpy()
+    nan = np.isnan(ref32)  # NaN payloads may differ (quieting); lossy levels reject non-finite input anyway
+    assert np.array_equal(np.isnan(wide.view(np.float32)), nan)
+    assert np.array_equal(wide[~nan], ref32.view(np.uint32)[~nan])
+
+
+def test_width_byte_to_model_matches_spec() -> None:
+    # docs/codec.md: e = P - 64; e >= 16: s = min(e//8 - 1, 12), table 80 + clamp(e - 8s - 8, 0, 7);
+    # else s = 0, table e + 64 with e clipped to [-64, 15].
+    p = np.arange(256)
+    e = p - 64
+    s = np.where(e >= 16, np.minimum(e // 8 - 1, 12), 0)
+    tid = np.where(s > 0, 80 + np.clip(e - 8 * s - 8, 0, 7), np.clip(e, -64, 15) + 64)
+    got_tid, got_s = rans.param_to_model(p.astype(np.uint8))
+    assert np.array_equal(got_tid, tid) and np.array_equal(got_s, s)
 
 
 def test_levels_shrink_and_inspect_is_cheap() -> None:
@@ -119,10 +159,12 @@ def test_bad_inputs() -> None:
         codec.encode(good, 5)
     with pytest.raises(codec.CodecError):
         codec.encode(torch.zeros(1, 2, 0, 1, 8), 0)
-    bad = good.clone()
-    bad[0, 0, 0, 0, 0] = float("nan")
-    with pytest.raises(codec.CodecError):
-        codec.encode(bad, 1)
+    for dtype, value in ((torch.float32, float("nan")), (torch.float16, float("inf")),
+                         (torch.bfloat16, float("nan"))):
+        bad = good.clone().to(dtype)
+        bad[0, 1, 2, 0, 3] = value
+        with pytest.raises(codec.CodecError):
+            codec.encode(bad, 1)
     with pytest.raises(codec.CodecError):
         codec.decode_context([])
 
@@ -178,3 +220,35 @@ def test_real_model_default_level(model) -> None:  # type: ignore[no-untyped-def
         agree += int(ref[-1].argmax() == got[-1].argmax())
     assert agree >= 3
     assert float(np.mean(kls)) < 0.02
+
+
+def test_width_refinement_never_costs_bits() -> None:
+    # Encoder-side table choice for s == 0 channels: never more coded bits than the mean-|d| fit,
+    # channels with raw low bits untouched, and the stream still decodes to the same residuals.
+    rng = np.random.default_rng(5)
+    t, c = 64, 32
+    scale = np.concatenate([rng.uniform(0.05, 3.0, c // 2), rng.uniform(20, 200, c // 2)])
+    d = np.rint(rng.laplace(size=(t, c)) * rng.uniform(0.5, 1.5, (t, c)) * scale).astype(np.int32)
+    width0 = np.array([rans.width_of(float(b)) for b in np.abs(d).mean(axis=0)], dtype=np.uint8)
+    tid0, s0 = rans.param_to_model(width0)
+    width, tid, sbits = width0.copy(), tid0.copy(), s0.copy()
+    lossy._refine_narrow_models(d, width, tid, sbits)
+
+    def bits(col: np.ndarray, k: int) -> float:
+        z = np.minimum(np.where(col >= 0, 2 * col, -2 * col - 1), rans.ESCAPE)
+        return float(rans.COST_BITS[k, z].sum())
+
+    narrow = s0 == 0
+    assert narrow.any() and (~narrow).any()
+    assert np.array_equal(width[~narrow], width0[~narrow]) and np.array_equal(tid[~narrow], tid0[~narrow])
+    assert np.array_equal(rans.param_to_model(width)[0], tid) and (width[narrow] < rans.N_DIRECT).all()
+    for ch in np.nonzero(narrow)[0]:
+        assert bits(d[:, ch].astype(np.int64), int(tid[ch])) <= bits(d[:, ch].astype(np.int64), int(tid0[ch]))
+    w = lossy.lanes_for(c)
+    buf = np.empty(4 * t * c + 1, dtype=np.uint16)
+    n, states = rans.encode_segment(d, tid, sbits, w, rans.FREQ, rans.CUM, buf)
+    words = np.concatenate([states.view(np.uint16), buf[n - 1 :: -1], np.zeros(4 * w, dtype=np.uint16)])
+    out = np.empty((t, c), dtype=np.float32)
+    rc = rans.decode_segment(words, 0, n, w, tid, sbits, t, rans.DEC, np.zeros(c, dtype=np.int64),
+                             np.float32(1.0), out)
+    assert rc == 0 and np.array_equal(out, d.astype(np.float32))
