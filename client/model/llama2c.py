@@ -79,6 +79,20 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float, inverse: 
 class Llama2c(torch.nn.Module):
     """Llama (RMSNorm, GQA attention with RoPE, SwiGLU) with weights from a llama2.c checkpoint."""
 
+    # Weights are registered as buffers (inference only); declared here for the type checker.
+    tok_emb: torch.Tensor  # [vocab, dim]
+    rms_att: torch.Tensor  # [layers, dim]
+    wq: torch.Tensor  # [layers, n_heads * head_dim, dim]
+    wk: torch.Tensor  # [layers, n_kv_heads * head_dim, dim]
+    wv: torch.Tensor  # [layers, n_kv_heads * head_dim, dim]
+    wo: torch.Tensor  # [layers, dim, n_heads * head_dim]
+    rms_ffn: torch.Tensor  # [layers, dim]
+    w1: torch.Tensor  # [layers, hidden, dim]
+    w2: torch.Tensor  # [layers, dim, hidden]
+    w3: torch.Tensor  # [layers, hidden, dim]
+    rms_final: torch.Tensor  # [dim]
+    w_cls: torch.Tensor  # [vocab, dim]
+
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.config = config
