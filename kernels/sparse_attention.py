@@ -68,9 +68,12 @@ def sparse_decode_attention(
     n_kv = k.shape[0]
     group = gqa_group(n_heads, n_kv)
     valid = idx >= 0
-    gather_idx = idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, d)
-    kg = torch.gather(k, 1, gather_idx).float()  # [Hkv, K, D]
-    vg = torch.gather(v, 1, gather_idx).float()
+    # Advanced indexing copies only the selected rows; torch.gather would need an int64 index expanded
+    # to [Hkv, K, D] (2-4x slower on CPU).
+    rows = idx.clamp(min=0)
+    heads = torch.arange(n_kv, device=idx.device).unsqueeze(1)
+    kg = k[heads, rows].float()  # [Hkv, K, D]
+    vg = v[heads, rows].float()
     if k_scale is not None:
         kg = kg * k_scale.float().unsqueeze(1)
     if v_scale is not None:
