@@ -14,14 +14,21 @@ remaining context* before every chunk from the live throughput estimate and the 
   KV; mid-stream, chunks at the end switch to recompute where that beats their transfer; failing that
   the smallest level is used and the miss is reported (``Plan.fits``).
 
-Throughput is an EWMA of per-chunk goodput (bytes / seconds) reported by the client or measured by the
-server. Levels are codec levels: 0 is lossless (largest), higher levels are smaller.
+Throughput is the harmonic mean of recent per-chunk goodput samples (bytes / seconds) reported by the
+client or measured by the server. Levels are codec levels: 0 is lossless (largest), higher levels are smaller.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from client.model.llama2c import Llama2c
 
 RECOMPUTE = -1  # pseudo-level: the client prefills the chunk's tokens itself
 
@@ -43,9 +50,12 @@ class AdaptivePlanner:
         slo_seconds: target time from the start of the stream to the last chunk being usable.
         bandwidth_bps: initial throughput estimate in bytes/second (e.g. from the last stream).
         recompute_seconds: per-chunk cost of prefilling it locally (``None``: recompute not offered).
-        decode_bytes_per_second: client decode speed in input bytes/s; decode of the last chunk cannot be
-            hidden behind the network, so it is reserved from the budget.
-        alpha: EWMA weight of the newest throughput sample.
+        decode_seconds: client decode time of one chunk (it hardly depends on the level: the work is per
+            token). Decode of the last chunk cannot be hidden behind the network, so it is reserved from
+            the budget, and when decoding is slower than the network it paces the pipelined stream.
+        window: how many recent throughput samples the estimate is the harmonic mean of.
+        bandwidth_weight: how many of those samples ``bandwidth_bps`` counts as at the start (a
+            measured estimate from earlier streams deserves more trust than a default).
     """
 
     def __init__(
@@ -55,40 +65,54 @@ class AdaptivePlanner:
         *,
         bandwidth_bps: float,
         recompute_seconds: float | None = None,
-        decode_bytes_per_second: float | None = None,
-        alpha: float = 0.5,
+        decode_seconds: float | None = None,
+        window: int = 5,
+        bandwidth_weight: int = 1,
     ) -> None:
         if slo_seconds <= 0:
             raise ValueError("slo_seconds must be positive")
         if bandwidth_bps <= 0:
             raise ValueError("bandwidth_bps must be positive")
-        if not 0 < alpha <= 1:
-            raise ValueError("alpha must be in (0, 1]")
+        if not 1 <= bandwidth_weight <= window:
+            raise ValueError("need 1 <= bandwidth_weight <= window")
         self.chunk_sizes = [dict(s) for s in chunk_sizes]
         if any(not s for s in self.chunk_sizes):
             raise ValueError("every chunk needs at least one stored level")
         self.slo = slo_seconds
         self.bandwidth = float(bandwidth_bps)
         self.recompute_seconds = recompute_seconds
-        self.decode_rate = decode_bytes_per_second
-        self.alpha = alpha
+        self.decode_seconds = decode_seconds
+        self._samples: deque[float] = deque([float(bandwidth_bps)] * bandwidth_weight, maxlen=window)
+        self._decodes: deque[float] = deque([decode_seconds] if decode_seconds else [], maxlen=window)
 
     def observe(self, nbytes: int, seconds: float) -> None:
-        """Feed one measured transfer (a chunk, or a report from the client)."""
+        """Feed one measured transfer (a chunk, or a report from the client).
+
+        The estimate is the harmonic mean of the last ``window`` samples: low samples dominate it, so it
+        drops at once with the link but rises only when fast samples persist. Short samples err upwards
+        (a stall on the receiver delays one arrival and makes the next one look fast; a shaper lets the
+        first tens of kilobytes after an idle pause through at line rate), and a too-high estimate
+        misses the SLO where a too-low one only costs a notch of quality.
+        """
         if nbytes > 0 and seconds > 0:
-            sample = nbytes / seconds
-            self.bandwidth = self.alpha * sample + (1 - self.alpha) * self.bandwidth
+            self._samples.append(nbytes / seconds)
+            self.bandwidth = len(self._samples) / sum(1 / s for s in self._samples)
+
+    def observe_decode(self, seconds: float) -> None:
+        """Feed one measured client decode time of a chunk."""
+        if seconds > 0:
+            self._decodes.append(seconds)
+            self.decode_seconds = statistics.median(self._decodes)  # one slow decode (a JIT, a GC) is noise
 
     def _cost(self, index: int, level: int) -> float:
         if level == RECOMPUTE:
             assert self.recompute_seconds is not None
             return self.recompute_seconds
-        return self.chunk_sizes[index][level] / self.bandwidth
+        # Chunk i decodes while chunk i+1 is on the wire: the slower of the two stages sets the pace.
+        return max(self.chunk_sizes[index][level] / self.bandwidth, self.decode_seconds or 0.0)
 
-    def _tail_reserve(self, index: int, level: int) -> float:
-        if level == RECOMPUTE or not self.decode_rate:
-            return 0.0
-        return self.chunk_sizes[index][level] / self.decode_rate
+    def _tail_reserve(self, level: int) -> float:
+        return 0.0 if level == RECOMPUTE else self.decode_seconds or 0.0
 
     def _at(self, i: int, level: int) -> int:
         """``level`` if chunk ``i`` stores it, else the nearest smaller stored level (or its smallest)."""
@@ -99,7 +123,7 @@ class AdaptivePlanner:
     def _network_seconds(self, first: int, levels: Sequence[int]) -> float:
         idx = range(first, first + len(levels))
         secs = sum(self._cost(i, lvl) for i, lvl in zip(idx, levels, strict=True) if lvl != RECOMPUTE)
-        return secs + (self._tail_reserve(idx[-1], levels[-1]) if levels else 0.0)
+        return secs + (self._tail_reserve(levels[-1]) if levels else 0.0)
 
     def _uniform(self, first: int, time_left: float) -> list[int] | None:
         """Best almost-uniform plan for chunks ``first..`` within ``time_left``, or None."""
@@ -157,3 +181,23 @@ class AdaptivePlanner:
     def choose(self, index: int, elapsed_seconds: float) -> int:
         """Level (or ``RECOMPUTE``) for chunk ``index``, ``elapsed_seconds`` after the stream started."""
         return self.plan(index, self.slo - elapsed_seconds).levels[0]
+
+
+def measure_prefill_tokens_per_second(model: Llama2c, tokens: int | None = None, repeats: int = 3) -> float:
+    """Local recompute speed of a llama2.c ``model``: prefill tokens per second (median of ``repeats``).
+
+    Prefills ``tokens`` ids (default: the model's context length) from an empty cache, i.e. the work a
+    recompute marker of that many tokens costs; pass the result as
+    ``fetch(..., recompute_tokens_per_second=...)``. One untimed warm-up run comes first.
+    """
+    n = min(tokens or model.config.seq_len, model.config.seq_len)
+    if n < 1 or repeats < 1:
+        raise ValueError("tokens and repeats must be >= 1")
+    ids = [(7 * i + 1) % model.config.vocab_size for i in range(n)]  # speed does not depend on the ids
+    model.forward(ids)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.forward(ids)
+        times.append(time.perf_counter() - t0)
+    return n / statistics.median(times)

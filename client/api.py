@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
@@ -32,6 +33,7 @@ import torch
 import xxhash
 
 import codec
+from client.adaptation import RECOMPUTE
 from kvstore.keys import ModelKey, token_array
 from kvstore.rpc import pb, pb_grpc
 from kvstore.wire import DEFAULT_PART_BYTES, model_to_pb, split_parts
@@ -45,6 +47,9 @@ _RETRYABLE = {
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.DATA_LOSS,
 }
+# A fetch also resumes after INTERNAL: grpc aio reports a connection torn mid-stream (front end killed) as
+# "INTERNAL: Internal error from Core", and fetches are read-only with every chunk verified end to end.
+_RETRYABLE_FETCH = _RETRYABLE | {grpc.StatusCode.INTERNAL}
 
 
 class KVStreamError(RuntimeError):
@@ -78,9 +83,9 @@ class ChunkReport:
     """What happened to one chunk of a fetch."""
 
     index: int
-    level: int
+    level: int  # codec level, or ``RECOMPUTE`` (-1) for a chunk the server asked the caller to prefill
     nbytes: int
-    recv_seconds: float  # first part requested/received -> last part received
+    recv_seconds: float  # previous chunk (or the stream header) received -> this chunk's last part received
     decode_seconds: float
     recompute: bool = False
 
@@ -90,9 +95,11 @@ class FetchResult:
     """A fetched prefix.
 
     ``kv`` is ``[layers, 2, prefix_tokens, kv_heads, head_dim]`` in the stored dtype on ``device``
-    (``None`` when nothing was found). ``recompute`` lists token ranges ``[start, end)`` inside the prefix
-    that the server asked the caller to prefill locally (their KV slots are zero). ``truncated`` says
-    the server found fewer verified chunks than its index promised (``reason`` says why).
+    (``None`` when nothing was found, or when every chunk is to be recomputed). ``recompute`` lists token
+    ranges ``[start, end)`` inside the prefix that the server asked the caller to prefill locally (their
+    KV slots are zero; ``client.model.hf.fill_recompute`` fills them). ``truncated`` says the server found
+    fewer verified chunks than its index promised (``reason`` says why). ``seconds`` is the wall time of
+    the whole fetch including the decode of the last chunk (the KV is ready when it returns).
     """
 
     kv: torch.Tensor | None
@@ -160,6 +167,10 @@ class AsyncKVCacheClient:
         self._options = opts + list(channel_options)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._next = 0
+        # Measured on earlier fetches, first estimates for the next adaptive fetch: goodput in bytes/s and
+        # decode speed in KV tokens/s.
+        self.bandwidth: float | None = None
+        self.decode_rate: float | None = None
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
@@ -326,31 +337,59 @@ class AsyncKVCacheClient:
         model: ModelKey | str,
         token_ids: Sequence[int] | np.ndarray,
         *,
+        slo: float | None = None,
         level: int | None = None,
         device: str | torch.device = "cpu",
         max_chunks: int = 0,
+        recompute_tokens_per_second: float = 0.0,
+        decode_tokens_per_second: float | None = None,
+        bandwidth_hint_bps: float | None = None,
+        on_recompute: Callable[[int, int], None] | None = None,
     ) -> FetchResult:
         """Fetch and decode the longest stored prefix of ``token_ids``.
 
-        Chunks arrive in order at ``level`` (default ``codec.DEFAULT_LEVEL``; the server falls back to the
-        nearest stored level); each is decoded on a worker thread while the next one is received. If a
-        front end fails mid-stream, the fetch resumes on the next address from the first chunk not yet
-        verified, so the result is identical to an unbroken stream.
+        Without ``slo`` every chunk comes at ``level`` (default ``codec.DEFAULT_LEVEL``; the server falls
+        back to the nearest stored level). With ``slo`` (seconds, for the whole call) the server picks
+        each chunk's level adaptively to finish in time (``LEVEL_POLICY_ADAPTIVE``) and, if
+        ``recompute_tokens_per_second`` (local prefill speed, see
+        ``client.adaptation.measure_prefill_tokens_per_second``) is given, may mark chunks *recompute*:
+        they carry no bytes, their token ranges are listed in ``FetchResult.recompute`` and their KV
+        slots are zeros. ``on_recompute(start, end)`` is called as soon as such a marker arrives (head
+        chunks are marked first), so the caller can prefill while the rest streams.
+        ``decode_tokens_per_second`` / ``bandwidth_hint_bps`` (bytes/s) default to what this client measured
+        on its previous fetches (``decode_rate`` / ``bandwidth``).
+
+        Chunks are decoded on a worker thread while the next one is received. If a front end fails
+        mid-stream, the fetch resumes on the next address from the first chunk not yet verified (with the
+        SLO time that is left), so the bytes are identical to an unbroken stream.
         """
+        if slo is not None and not slo > 0:
+            raise ValueError("slo must be a positive number of seconds")
+        if not recompute_tokens_per_second >= 0:
+            raise ValueError("recompute_tokens_per_second must be >= 0")
         mk = self.model(model)
         start = pb.StreamStart(
             model=model_to_pb(mk),
             token_ids=_tokens_pb(token_ids),
-            policy=pb.LEVEL_POLICY_FIXED,
+            policy=pb.LEVEL_POLICY_FIXED if slo is None else pb.LEVEL_POLICY_ADAPTIVE,
             level=codec.DEFAULT_LEVEL if level is None else level,
             max_chunks=max_chunks,
             max_part_bytes=self.part_bytes,
+            recompute_tokens_per_second=recompute_tokens_per_second,
         )
         t0 = time.perf_counter()
-        state = _FetchState(mk.chunk_tokens, device)
+        state = _FetchState(mk.chunk_tokens, device, on_recompute)
         last: KVStreamError | None = None
         for address in self._rotation():
             start.start_chunk = state.next_chunk
+            if slo is not None:
+                # A resumed stream gets the time that is left (at least 1 ms: the server then sends the
+                # smallest levels / recompute markers rather than nothing).
+                start.slo_ms = max(slo - (time.perf_counter() - t0), 1e-3) * 1e3
+                start.decode_tokens_per_second = (
+                    decode_tokens_per_second or state.decode_rate or self.decode_rate or 0
+                )
+                start.bandwidth_hint_bps = bandwidth_hint_bps or state.bandwidth or self.bandwidth or 0
             try:
                 await self._stream_once(self._stub(address), start, state)
                 break
@@ -358,7 +397,7 @@ class AsyncKVCacheClient:
                 last = _raise(err)
             except KVStreamError as err:  # bytes damaged in transit: another front end may do better
                 last = err
-            if last.code not in _RETRYABLE:
+            if last.code not in _RETRYABLE_FETCH:
                 raise last from None
         else:
             assert last is not None
@@ -367,6 +406,8 @@ class AsyncKVCacheClient:
             state.truncated, state.reason = True, f"every front end failed: {last.message}"
         result = await state.result()
         result.seconds = time.perf_counter() - t0
+        self.bandwidth = state.bandwidth or self.bandwidth
+        self.decode_rate = state.decode_rate or self.decode_rate
         return result
 
     async def _stream_once(
@@ -378,6 +419,16 @@ class AsyncKVCacheClient:
         await call.write(pb.StreamContextRequest(start=start))
         can_report = True
         assembler = _BlobAssembler()
+
+        async def report(msg: pb.ThroughputReport) -> None:
+            nonlocal can_report
+            if not can_report:
+                return
+            try:
+                await call.write(pb.StreamContextRequest(report=msg))
+            except (grpc.aio.UsageError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                can_report = False  # the server already finished sending
+
         try:
             while (resp := await call.read()) is not grpc.aio.EOF:
                 kind = resp.WhichOneof("msg")
@@ -393,16 +444,10 @@ class AsyncKVCacheClient:
                     blob = assembler.add(msg)
                     if blob is None:
                         continue
-                    secs = time.perf_counter() - assembler.started
-                    state.on_blob(msg, blob, secs)
-                    if can_report:
-                        report = pb.ThroughputReport(
-                            chunk_index=msg.chunk_index, bytes_per_second=len(blob) / max(secs, 1e-9)
-                        )
-                        try:
-                            await call.write(pb.StreamContextRequest(report=report))
-                        except (grpc.aio.UsageError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                            can_report = False  # the server already finished sending
+                    goodput = state.on_blob(msg, blob)
+                    await report(pb.ThroughputReport(chunk_index=msg.chunk_index, bytes_per_second=goodput))
+                    for index, decode_seconds in state.new_decodes():
+                        await report(pb.ThroughputReport(chunk_index=index, decode_seconds=decode_seconds))
                 elif kind == "trailer":
                     state.truncated = resp.trailer.truncated
                     state.reason = resp.trailer.reason
@@ -416,19 +461,43 @@ class AsyncKVCacheClient:
 
 
 class _FetchState:
-    """Decoded chunks of one fetch, kept across resumed streams."""
+    """Decoded chunks of one fetch, kept across resumed streams, and what was measured on the way."""
 
-    def __init__(self, chunk_tokens: int, device: str | torch.device) -> None:
+    def __init__(
+        self,
+        chunk_tokens: int,
+        device: str | torch.device,
+        on_recompute: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.chunk_tokens = chunk_tokens
         self.device = device
+        self.on_recompute_cb = on_recompute
         self.next_chunk = 0
         self.decodes: list[asyncio.Future[tuple[torch.Tensor | None, float]]] = []
         self.meta: list[tuple[int, int, int, float, bool]] = []  # index, level, nbytes, recv s, recompute
         self.recompute: list[tuple[int, int]] = []
         self.truncated = False
         self.reason = ""
+        self._last_arrival = time.perf_counter()
+        self._reported = 0  # decodes [0, _reported) were reported to the server (or are recompute)
+        self._recv = [0, 0.0]  # bytes, seconds: goodput of this fetch
+        self._window: list[tuple[int, float]] = []  # (bytes, seconds) of the last arrivals
+        self._decode_seconds: list[float] = []  # per decoded chunk
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Goodput of this fetch so far in bytes/s (``None`` before the first blob)."""
+        return self._recv[0] / self._recv[1] if self._recv[1] > 0 else None
+
+    @property
+    def decode_rate(self) -> float | None:
+        """Decode speed of this fetch so far in KV tokens/s, from the median chunk (``None`` before the
+        first decode; the median ignores a one-off slow decode such as a JIT compile)."""
+        median = statistics.median(self._decode_seconds) if self._decode_seconds else 0.0
+        return self.chunk_tokens / median if median > 0 else None
 
     def on_header(self, header: pb.StreamHeader) -> None:
+        self._last_arrival = time.perf_counter()
         if header.chunk_tokens:
             self.chunk_tokens = header.chunk_tokens
 
@@ -437,8 +506,17 @@ class _FetchState:
             raise KVStreamError(grpc.StatusCode.DATA_LOSS, f"expected chunk {self.next_chunk}, got {index}")
         self.next_chunk += 1
 
-    def on_blob(self, msg: pb.ChunkData, blob: bytes, recv_seconds: float) -> None:
+    def on_blob(self, msg: pb.ChunkData, blob: bytes) -> float:
+        """Queue the decode of a verified blob; returns the goodput (bytes/s) to report for it."""
         self._check_order(msg.chunk_index)
+        now = time.perf_counter()
+        recv_seconds, self._last_arrival = now - self._last_arrival, now
+        self._recv[0] += len(blob)
+        self._recv[1] += recv_seconds
+        # Over the last three arrivals: a stall of this process delays one chunk and shortens the next
+        # one's gap by as much, so a window measures the link where a single chunk is off both ways.
+        self._window = [*self._window[-2:], (len(blob), recv_seconds)]
+        goodput = sum(n for n, _ in self._window) / max(sum(t for _, t in self._window), 1e-9)
 
         def work() -> tuple[torch.Tensor | None, float]:
             t = time.perf_counter()
@@ -447,17 +525,34 @@ class _FetchState:
 
         self.decodes.append(asyncio.ensure_future(asyncio.to_thread(work)))
         self.meta.append((msg.chunk_index, msg.level, len(blob), recv_seconds, False))
+        return goodput
+
+    def new_decodes(self) -> list[tuple[int, float]]:
+        """``(chunk index, decode seconds)`` of the decodes finished since the last call, in order."""
+        out = []
+        while self._reported < len(self.decodes) and self.decodes[self._reported].done():
+            index, _, _, _, recompute = self.meta[self._reported]
+            seconds = self.decodes[self._reported].result()[1]
+            if not recompute:
+                self._decode_seconds.append(seconds)
+                out.append((index, seconds))
+            self._reported += 1
+        return out
 
     def on_recompute(self, msg: pb.ChunkData) -> None:
         self._check_order(msg.chunk_index)
+        self._last_arrival = time.perf_counter()
         done: asyncio.Future[tuple[torch.Tensor | None, float]] = asyncio.get_running_loop().create_future()
         done.set_result((None, 0.0))
         self.decodes.append(done)
-        self.meta.append((msg.chunk_index, msg.level, 0, 0.0, True))
+        self.meta.append((msg.chunk_index, RECOMPUTE, 0, 0.0, True))
         self.recompute.append((msg.token_start, msg.token_end))
+        if self.on_recompute_cb is not None:
+            self.on_recompute_cb(msg.token_start, msg.token_end)
 
     async def result(self) -> FetchResult:
         decoded = await asyncio.gather(*self.decodes)
+        self.new_decodes()  # account the decodes that finished after the last report
         tensors = [t for t, _ in decoded if t is not None]
         reports = [
             ChunkReport(i, lvl, n, recv, dec, recompute=rc)

@@ -1,4 +1,5 @@
-"""``kvctl``: operator CLI for a kvstream server (put, get, lookup, ls, stat, rm, pin, unpin).
+"""``kvctl``: operator CLI for a kvstream server (put, get, fetch, lookup, ls, stat, rm, pin, unpin;
+preload, du, verify, top in ``kvstore/preload.py``, ``admin.py``, ``top.py``).
 
 KV files are ``.npy`` arrays ``[layers, 2, tokens, kv_heads, head_dim]``; token ids come from
 ``--tokens 1,2,3`` or ``--tokens-file F`` (whitespace-separated integers). Human tables by default,
@@ -250,6 +251,50 @@ def cmd_get(args: argparse.Namespace, client: Any) -> None:
     )
 
 
+def cmd_fetch(args: argparse.Namespace, client: Any) -> None:
+    """Fetch the stored prefix (adaptive with ``--slo``) and report what each chunk cost; keeps no KV."""
+    if args.slo is not None and not args.slo > 0:
+        raise UsageError("--slo must be a positive number of seconds")
+    res = client.fetch(
+        model_key(args),
+        parse_tokens(args),
+        slo=args.slo,
+        level=args.level,
+        recompute_tokens_per_second=args.recompute_tps,
+        bandwidth_hint_bps=args.bandwidth_hint_mbit * 1e6 / 8 if args.bandwidth_hint_mbit else None,
+    )
+    if res.kv is None and not res.recompute:
+        raise LookupError("no stored prefix for these token ids")
+    chunks = [
+        {
+            "chunk": c.index,
+            "level": "recompute" if c.recompute else c.level,
+            "bytes": c.nbytes,
+            "recv_ms": round(c.recv_seconds * 1e3, 2),
+            "decode_ms": round(c.decode_seconds * 1e3, 2),
+        }
+        for c in res.chunks
+    ]
+    summary: dict[str, Any] = {
+        "prefix_tokens": res.prefix_tokens,
+        "chunks": len(res.chunks),
+        "seconds": round(res.seconds, 4),
+        "slo": args.slo,
+        "slo_met": None if args.slo is None else res.seconds <= args.slo,
+        "bytes": sum(c.nbytes for c in res.chunks),
+        "levels": [c["level"] for c in chunks],
+        "recompute": [list(r) for r in res.recompute],
+        "truncated": res.truncated,
+        "reason": res.reason,
+    }
+    if args.json:
+        _emit(args, {**summary, "chunk_reports": chunks} if args.report else summary, "fetch")
+        return
+    _emit(args, summary, "fetch")
+    if args.report:
+        _emit(args, chunks, "per-chunk report")
+
+
 def cmd_lookup(args: argparse.Namespace, client: Any) -> None:
     res = client.lookup(model_key(args), parse_tokens(args))
     if args.json:
@@ -377,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output .npy path")
     p.add_argument("--level", type=int, default=0, help="codec level (nearest stored one if absent)")
     p.set_defaults(fn=cmd_get)
+    p = sub.add_parser("fetch", parents=[common, tokens], help="fetch the stored prefix, report per chunk")
+    p.add_argument("--slo", type=float, help="seconds: adaptive levels to meet it (default: fixed --level)")
+    p.add_argument("--level", type=int, help="fixed codec level without --slo (default: the codec's)")
+    p.add_argument("--recompute-tps", type=float, default=0.0, help="local prefill tokens/s: allow recompute")
+    p.add_argument("--bandwidth-hint-mbit", type=float, help="first bandwidth estimate for --slo")
+    p.add_argument("--report", action="store_true", help="per-chunk level, bytes and timing")
+    p.set_defaults(fn=cmd_fetch)
     p = sub.add_parser("lookup", parents=[common, tokens], help="longest stored prefix")
     p.set_defaults(fn=cmd_lookup)
     p = sub.add_parser("ls", parents=[common], help="list contexts of the namespace")
@@ -391,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, parents=[common, ref], help=text)
         p.set_defaults(fn=fn)
+    from kvstore import admin, preload, top  # operator workflow: preload, du, verify, top
+
+    preload.add_parser(sub, [common])
+    admin.add_parsers(sub, common, tokens)
+    top.add_parser(sub, common)
     return parser
 
 
@@ -428,4 +485,8 @@ def _fail(message: str, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m kvstore.kvctl`: run the kvstore.kvctl module's main, so that subcommands importing
+    # kvstore.kvctl raise the same UsageError class main catches (not a __main__ twin).
+    from kvstore.kvctl import main as _main
+
+    sys.exit(_main())

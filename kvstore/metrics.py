@@ -46,6 +46,12 @@ class Metrics:
         )
         self.bytes_in = Counter("kvstream_received_bytes", "Blob bytes received by PutChunks", registry=r)
         self.bytes_out = Counter("kvstream_sent_bytes", "Blob bytes sent by StreamContext", registry=r)
+        self.sent_level_bytes = Counter(
+            "kvstream_sent_level_bytes",
+            "Codec blob bytes sent by StreamContext, by level",
+            ["level"],
+            registry=r,
+        )
         self.lookup_chunks = Counter(
             "kvstream_lookup_chunks",
             "Chunks asked for by lookups: hit (committed) or miss",

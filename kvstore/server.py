@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import codec
+from client.adaptation import RECOMPUTE, AdaptivePlanner
 from kvstore.backends import open_backend
 from kvstore.backends.base import BackendError, BackendFull, StorageBackend
 from kvstore.config import ServerConfig
@@ -86,18 +87,36 @@ class _Call:
     bytes_in: int = 0
     bytes_out: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    peer: str = ""  # read when the call starts: context.peer() of a call whose connection was reset segfaults
 
 
 # ----- level policies ---------------------------------------------------------------------------
 
 
 class LevelPolicy(Protocol):
-    """Chooses the codec level of each streamed chunk; fed with the client's throughput reports."""
+    """Chooses the codec level (or ``RECOMPUTE``) of each streamed chunk, in context order.
+
+    ``pace`` is awaited before each chunk, ``choose`` is called right before it is sent, ``guess`` earlier,
+    for the read-ahead of the next chunk (a wrong guess only costs a second storage read). ``sent`` and
+    ``observe`` feed the server's own send measurement and the client's throughput reports.
+    """
 
     def observe(self, report: pb.ThroughputReport) -> None: ...
 
+    async def pace(self) -> None:
+        """Returns when the next chunk may be sent."""
+        ...
+
     def choose(self, chunk: pb.ChunkInfo) -> int:
-        """Level to send for ``chunk`` (one of its stored levels)."""
+        """Level to send for ``chunk`` (one of its stored levels), or ``RECOMPUTE``."""
+        ...
+
+    def guess(self, chunk: pb.ChunkInfo) -> int:
+        """Likely level of ``chunk`` (the next one), for the storage read-ahead."""
+        ...
+
+    def sent(self, chunk: pb.ChunkInfo, level: int, nbytes: int, seconds: float) -> None:
+        """``chunk`` went out at ``level``: ``nbytes`` handed to gRPC in ``seconds`` (flow control incl.)."""
         ...
 
 
@@ -110,6 +129,9 @@ class FixedLevelPolicy:
     def observe(self, report: pb.ThroughputReport) -> None:
         """Fixed: reports do not change the choice."""
 
+    async def pace(self) -> None:
+        """Fixed: as fast as flow control allows."""
+
     def choose(self, chunk: pb.ChunkInfo) -> int:
         stored = sorted(lv.level for lv in chunk.levels)
         if self.level in stored:
@@ -117,11 +139,121 @@ class FixedLevelPolicy:
         smaller = [lv for lv in stored if lv > self.level]
         return smaller[0] if smaller else stored[-1]
 
+    def guess(self, chunk: pb.ChunkInfo) -> int:
+        return self.choose(chunk)
 
-def make_policy(start: pb.StreamStart) -> LevelPolicy:
-    """The policy a ``StreamStart`` asks for; raises ``RpcFailure`` for unsupported ones."""
+    def sent(self, chunk: pb.ChunkInfo, level: int, nbytes: int, seconds: float) -> None:
+        """Fixed: nothing to learn."""
+
+
+# First throughput estimate when the client sends no hint: a conservative 100 Mbit/s; the first chunk
+# may come out smaller than needed, later ones are re-planned from measurements.
+DEFAULT_BANDWIDTH_BPS = 100e6 / 8
+
+
+class AdaptiveLevelPolicy:
+    """``LEVEL_POLICY_ADAPTIVE``: re-plans the remaining chunks before each one (``AdaptivePlanner``).
+
+    Throughput: the client's reports (goodput over its last chunk arrivals) feed the planner's estimate
+    (a harmonic mean of recent samples, starting from the client's hint); the server's own send time
+    only when it is lower, because socket and HTTP/2 buffers make a send look faster than the link but
+    never slower. Time left: ``(1 - SLO_MARGIN) x slo - elapsed`` minus the delivery time, at the current
+    estimate, of the bytes sent but not yet reported received (still in buffers or on the wire).
+    Pacing: a chunk is sent only while fewer than ``IN_FLIGHT_CHUNKS`` earlier ones are unreported, so
+    each choice is made with a fresh measurement instead of minutes of data vanishing into buffers
+    (bounded wait: twice the predicted delivery time of the unreported bytes, for clients that do not
+    report). Chunks at the head of the stream may be marked recompute while all chunks before them were
+    too (their prefill on the client overlaps the rest of the stream).
+    """
+
+    IN_FLIGHT_CHUNKS = 2
+    SLO_MARGIN = 0.05  # fraction of the SLO kept back for jitter that no estimate sees coming
+
+    def __init__(
+        self, chunks: Sequence[pb.ChunkInfo], start: pb.StreamStart, started: float | None = None
+    ) -> None:
+        self._pos = {c.index: i for i, c in enumerate(chunks)}
+        tokens = max((c.token_end - c.token_start for c in chunks), default=0)
+        rate, decode_rate = start.recompute_tokens_per_second, start.decode_tokens_per_second
+        self.planner = AdaptivePlanner(
+            [{lv.level: lv.size_bytes for lv in c.levels} for c in chunks] or [{0: 0}],
+            start.slo_ms / 1e3,
+            bandwidth_bps=start.bandwidth_hint_bps or DEFAULT_BANDWIDTH_BPS,
+            bandwidth_weight=4 if start.bandwidth_hint_bps else 1,  # a measured hint: trusted like 4 samples
+            recompute_seconds=tokens / rate if rate > 0 else None,
+            decode_seconds=tokens / decode_rate if decode_rate > 0 else None,
+        )
+        self._head = start.start_chunk == 0  # still inside a run of recompute chunks from token 0
+        self._sizes: dict[int, int] = {}  # chunk index -> bytes sent
+        self._unacked: set[int] = set()  # chunks sent but not yet reported received
+        self._t0 = time.perf_counter() if started is None else started  # the SLO clock (perf_counter)
+        self._next_levels: tuple[int, int] | None = None  # (chunk position, level) of the last plan
+        self._reported = asyncio.Event()
+
+    def observe(self, report: pb.ThroughputReport) -> None:
+        size = self._sizes.get(report.chunk_index, 0)
+        if report.bytes_per_second > 0 and size:
+            self.planner.observe(size, size / report.bytes_per_second)
+            self._unacked -= {i for i in self._unacked if i <= report.chunk_index}
+            self._reported.set()
+        if report.decode_seconds > 0:
+            self.planner.observe_decode(report.decode_seconds)
+
+    async def pace(self) -> None:
+        while len(self._unacked) >= self.IN_FLIGHT_CHUNKS:
+            self._reported.clear()
+            unacked = sum(self._sizes[i] for i in self._unacked)
+            try:
+                await asyncio.wait_for(self._reported.wait(), 2 * unacked / self.planner.bandwidth + 0.05)
+            except TimeoutError:
+                return
+
+    def _time_left(self) -> float:
+        unacked = sum(self._sizes[i] for i in self._unacked)
+        elapsed = time.perf_counter() - self._t0
+        return self.planner.slo * (1 - self.SLO_MARGIN) - elapsed - unacked / self.planner.bandwidth
+
+    def choose(self, chunk: pb.ChunkInfo) -> int:
+        pos = self._pos[chunk.index]
+        time_left = self._time_left()
+        plan = self.planner.plan(pos, time_left, head_recompute=self._head)
+        log.debug(
+            "adaptive chunk=%d time_left_ms=%.1f bandwidth_bps=%.0f decode_ms=%.1f plan=%s fits=%s",
+            chunk.index, time_left * 1e3, self.planner.bandwidth, (self.planner.decode_seconds or 0) * 1e3,
+            plan.levels, plan.fits,
+        )
+        self._head = self._head and plan.levels[0] == RECOMPUTE
+        self._next_levels = (pos + 1, plan.levels[1]) if len(plan.levels) > 1 else None
+        return plan.levels[0]
+
+    def guess(self, chunk: pb.ChunkInfo) -> int:
+        if self._next_levels is not None and self._next_levels[0] == self._pos[chunk.index]:
+            return self._next_levels[1]
+        return self.planner.plan(self._pos[chunk.index], self._time_left(), head_recompute=False).levels[0]
+
+    def sent(self, chunk: pb.ChunkInfo, level: int, nbytes: int, seconds: float) -> None:
+        if level == RECOMPUTE:
+            return
+        self._sizes[chunk.index] = nbytes
+        self._unacked.add(chunk.index)
+        if seconds > 0 and nbytes / seconds < self.planner.bandwidth:
+            self.planner.observe(nbytes, seconds)
+
+
+def make_policy(
+    start: pb.StreamStart, chunks: Sequence[pb.ChunkInfo], started: float | None = None
+) -> LevelPolicy:
+    """The policy a ``StreamStart`` asks for; raises ``RpcFailure`` for unsupported ones.
+
+    ``chunks`` are the chunks to stream, ``started`` the ``time.perf_counter()`` the request arrived at.
+    """
     if start.policy == pb.LEVEL_POLICY_ADAPTIVE:
-        raise _invalid("adaptive streaming not available yet")
+        if not start.slo_ms > 0:
+            raise _invalid("LEVEL_POLICY_ADAPTIVE needs slo_ms > 0")
+        for name in ("recompute_tokens_per_second", "decode_tokens_per_second", "bandwidth_hint_bps"):
+            if not getattr(start, name) >= 0:  # also rejects NaN
+                raise _invalid(f"{name} must be >= 0")
+        return AdaptiveLevelPolicy(chunks, start, started)
     if start.policy != pb.LEVEL_POLICY_FIXED:
         raise _invalid(f"unknown level policy {start.policy}")
     if start.level not in codec.LEVELS:
@@ -172,7 +304,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             elapsed * 1e3,
             call.bytes_in,
             call.bytes_out,
-            context.peer(),
+            call.peer,
             extra,
         )
 
@@ -195,7 +327,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         def deco(fn: Callable[..., Awaitable[Any]]) -> Any:
             @functools.wraps(fn)
             async def wrapper(self: KVStreamServicer, request: Any, context: Any) -> Any:
-                call, start, code = _Call(), time.perf_counter(), grpc.StatusCode.OK
+                call, start, code = _Call(peer=context.peer()), time.perf_counter(), grpc.StatusCode.OK
                 try:
                     remaining = context.time_remaining()
                     async with asyncio.timeout(remaining):
@@ -223,7 +355,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             async def wrapper(
                 self: KVStreamServicer, request_iterator: Any, context: Any
             ) -> AsyncIterator[Any]:
-                call, start, code = _Call(), time.perf_counter(), grpc.StatusCode.OK
+                call, start, code = _Call(peer=context.peer()), time.perf_counter(), grpc.StatusCode.OK
                 self.metrics.streams_active.inc()
                 try:
                     async for item in fn(self, request_iterator, context, call):
@@ -484,8 +616,8 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         if first.WhichOneof("msg") != "start":
             raise _invalid("the first StreamContext message must be a StreamStart")
         start = first.start
+        received = time.perf_counter()
         model = self._model(start.model)
-        policy = make_policy(start)
         part_bytes = start.max_part_bytes or self.config.max_part_bytes
         if part_bytes > MAX_PART_BYTES:
             raise _invalid(f"max_part_bytes {part_bytes} is larger than {MAX_PART_BYTES}")
@@ -504,6 +636,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             else min(len(res.chunks), start.start_chunk + start.max_chunks)
         )
         chunks = res.chunks[start.start_chunk : end]
+        policy = make_policy(start, chunks, received)
         yield pb.StreamContextResponse(
             header=pb.StreamHeader(
                 prefix_chunks=res.prefix_chunks,
@@ -522,23 +655,44 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         reports = asyncio.create_task(read_reports())
         sidecars = list(start.sidecars)
 
-        def fetch(info: pb.ChunkInfo) -> asyncio.Task[_Loaded | None]:
-            return asyncio.create_task(self._load(model, info, policy.choose(info), sidecars))
+        def load(pos: int, level: int) -> tuple[int, int, asyncio.Task[_Loaded | None]]:
+            return pos, level, asyncio.create_task(self._load(model, chunks[pos], level, sidecars))
 
         sent, reason = 0, ""
         send_rate = 0.0  # bytes/s measured over the previous chunks (flow control included)
-        pending = fetch(chunks[0]) if chunks else None
+        # Storage read-ahead of the next chunk at the level the policy expects: (position, level, task).
+        pending = load(0, policy.guess(chunks[0])) if chunks else None
         try:
             for i, info in enumerate(chunks):
-                assert pending is not None
+                await policy.pace()
+                level = policy.choose(info)  # decided only now, from everything measured so far
+                if level == RECOMPUTE:
+                    # No bytes: the client prefills these tokens itself (sidecars are skipped too).
+                    yield pb.StreamContextResponse(
+                        chunk=pb.ChunkData(
+                            chunk_index=info.index,
+                            recompute=True,
+                            last=True,
+                            token_start=info.token_start,
+                            token_end=info.token_end,
+                        )
+                    )
+                    policy.sent(info, RECOMPUTE, 0, 0.0)
+                    sent += 1
+                    continue
+                if pending is None or pending[:2] != (i, level):
+                    if pending is not None:
+                        pending[2].cancel()
+                    pending = load(i, level)
+                task = pending[2]
                 remaining = context.time_remaining()
                 try:
                     timeout = None if remaining is None else max(remaining - _DEADLINE_FLOOR_S, 0.0)
-                    loaded = await asyncio.wait_for(asyncio.shield(pending), timeout)
+                    loaded = await asyncio.wait_for(asyncio.shield(task), timeout)
                 except TimeoutError:
                     reason = f"deadline: stopped before chunk {info.index}"
                     break
-                pending = fetch(chunks[i + 1]) if i + 1 < len(chunks) else None  # read-ahead
+                pending = load(i + 1, policy.guess(chunks[i + 1])) if i + 1 < len(chunks) else None
                 if loaded is None:
                     reason = f"chunk {info.index}: missing or corrupt"
                     break
@@ -552,15 +706,18 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                 t0 = time.perf_counter()
                 for msg in self._parts(loaded, part_bytes):
                     yield msg
+                seconds = time.perf_counter() - t0
                 call.bytes_out += size
-                send_rate = size / max(time.perf_counter() - t0, 1e-6)
+                self.metrics.sent_level_bytes.labels(str(loaded.level)).inc(len(loaded.blob))
+                send_rate = size / max(seconds, 1e-6)
+                policy.sent(info, level, size, seconds)
                 sent += 1
         except BaseException:
             reports.cancel()
             raise
         finally:
             if pending is not None:
-                pending.cancel()
+                pending[2].cancel()
         if reason:
             self.metrics.streams_truncated.labels(reason.split(":")[0]).inc()
         call.extra.update(chunks=sent, truncated=bool(reason))

@@ -56,7 +56,7 @@ def test_missing_levels_fall_back_to_a_smaller_stored_level() -> None:
     assert set(plan.levels) <= {0, 3} and plan.fits
 
 
-@pytest.mark.parametrize("kwargs", [{"slo_seconds": 0}, {"bandwidth_bps": 0}, {"alpha": 0}])
+@pytest.mark.parametrize("kwargs", [{"slo_seconds": 0}, {"bandwidth_bps": 0}, {"bandwidth_weight": 0}])
 def test_bad_arguments(kwargs: dict[str, float]) -> None:
     args: dict[str, float] = {"slo_seconds": 1.0, "bandwidth_bps": 1.0, **kwargs}
     slo = args.pop("slo_seconds")

@@ -379,7 +379,7 @@ async def test_unknown_context_and_bad_queries(server: KVStreamServer, stub: pb_
 async def test_stream_bad_start(stub: pb_grpc.KVStreamStub) -> None:
     spec = model_to_pb(ModelKey("m", chunk_tokens=16))
     cases = {
-        "adaptive streaming not available yet": pb.StreamStart(
+        "LEVEL_POLICY_ADAPTIVE needs slo_ms > 0": pb.StreamStart(
             model=spec, token_ids=pb.TokenIds(ids=[1] * 16), policy=pb.LEVEL_POLICY_ADAPTIVE
         ),
         "max_part_bytes": pb.StreamStart(

@@ -469,6 +469,9 @@ class StreamStart(_message.Message):
     SLO_MS_FIELD_NUMBER: _builtins.int
     SIDECARS_FIELD_NUMBER: _builtins.int
     MAX_PART_BYTES_FIELD_NUMBER: _builtins.int
+    RECOMPUTE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    BANDWIDTH_HINT_BPS_FIELD_NUMBER: _builtins.int
     start_chunk: _builtins.int
     """resume: first chunk to send"""
     max_chunks: _builtins.int
@@ -480,6 +483,14 @@ class StreamStart(_message.Message):
     """for LEVEL_POLICY_ADAPTIVE: time-to-first-token target"""
     max_part_bytes: _builtins.int
     """0 = server default (1 MiB)"""
+    recompute_tokens_per_second: _builtins.float
+    """LEVEL_POLICY_ADAPTIVE inputs from the client (0 = unknown):
+    local prefill speed; 0 = recompute not offered
+    """
+    decode_tokens_per_second: _builtins.float
+    """client decode speed (KV tokens per second, ~any level)"""
+    bandwidth_hint_bps: _builtins.float
+    """throughput of the last stream (bytes/s), first estimate"""
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -503,10 +514,13 @@ class StreamStart(_message.Message):
         slo_ms: _builtins.float = ...,
         sidecars: _abc.Iterable[_builtins.str] | None = ...,
         max_part_bytes: _builtins.int = ...,
+        recompute_tokens_per_second: _builtins.float = ...,
+        decode_tokens_per_second: _builtins.float = ...,
+        bandwidth_hint_bps: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk_hashes", b"chunk_hashes", "model", b"model", "query", b"query", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_hashes", b"chunk_hashes", "level", b"level", "max_chunks", b"max_chunks", "max_part_bytes", b"max_part_bytes", "model", b"model", "policy", b"policy", "query", b"query", "sidecars", b"sidecars", "slo_ms", b"slo_ms", "start_chunk", b"start_chunk", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_hint_bps", b"bandwidth_hint_bps", "chunk_hashes", b"chunk_hashes", "decode_tokens_per_second", b"decode_tokens_per_second", "level", b"level", "max_chunks", b"max_chunks", "max_part_bytes", b"max_part_bytes", "model", b"model", "policy", b"policy", "query", b"query", "recompute_tokens_per_second", b"recompute_tokens_per_second", "sidecars", b"sidecars", "slo_ms", b"slo_ms", "start_chunk", b"start_chunk", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["token_ids", "chunk_hashes"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
@@ -522,11 +536,11 @@ class ThroughputReport(_message.Message):
     BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
     DECODE_SECONDS_FIELD_NUMBER: _builtins.int
     chunk_index: _builtins.int
-    """last chunk fully received"""
+    """last chunk fully received (or, decode-only report, the chunk decoded)"""
     bytes_per_second: _builtins.float
-    """client-measured goodput"""
+    """client-measured goodput; 0 = a decode-only report"""
     decode_seconds: _builtins.float
-    """client decode time of that chunk"""
+    """client decode time of that chunk; 0 = not known yet"""
     def __init__(
         self,
         *,

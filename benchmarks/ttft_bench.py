@@ -1,0 +1,459 @@
+"""Time-to-first-token of a stored context vs bandwidth: adaptive streaming against fixed-format baselines.
+
+    python -m benchmarks.ttft_bench --json out.json --plot docs/ttft_vs_bandwidth.png [--tokens 8192]
+
+Needs root + iproute2 (``deploy.netshape.ShapedLink``): a ``kvstore serve --backend memory://`` runs in the
+server namespace, a client worker (``python -m benchmarks.ttft_bench worker``) in the client namespace
+stores a synthetic Llama-8B-shaped context (``[32, 2, T, 8, 128]`` fp16, AR(1) over tokens, channel
+offsets and outlier key channels: ``benchmarks.codec_bench.synthetic_llama_chunk``, one seed per chunk)
+encoded once at every codec level, then fetches it through gRPC. "Unshaped loopback" is a second worker
+in the server namespace talking to the server's own address (no veth, no shaper).
+
+TTFT = ``fetch()`` wall time until the decoded KV is on the host (receive + pipelined decode):
+
+* ``fp16``: every chunk at the lossless level 0 (zstd over fp16, bit-exact);
+* ``int8``: int8-per-token KV travels as ``numel`` bytes (plus fp16 scales). The store only holds codec
+  blobs, so the int8 baseline is a second context of the same chunk count whose level-0 blobs carry an
+  incompressible fp16 tensor of half the head dim, i.e. exactly ``numel`` payload bytes; its TTFT is that
+  fetch (zstd over incompressible data: a copy) plus the measured time to dequantize int8 KV of the real
+  shape. The per-token scales (0.2% more bytes) are left out, in the baseline's favour;
+* ``adaptive``: ``fetch(slo=...)`` with ``slo = --slo-fraction x`` the median fp16 TTFT at that
+  bandwidth, so the planner must shrink the context by ~1/fraction; the levels it chose are reported.
+
+SLO hit rate: ``--trace-runs`` adaptive fetches and as many at the fixed default level, each under a
+seeded bandwidth trace that steps every ``slo/4`` between 0.1 and 2 Gbit/s; the SLO is what the default
+level achieves on a steady 1 Gbit/s link (median TTFT of 3 fetches, decode included). The worker runs
+with ``OMP_NUM_THREADS=1``: on 2 cores shared with the server, OpenMP's spinning threads otherwise add
+~0.2 s to every tensor op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import os
+import random
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+import xxhash
+
+DEFAULT_SHAPE = (32, 8, 128)  # layers, kv_heads, head_dim of Llama-3-8B
+SERVER_PORT = 50551
+INT8_SUFFIX = "-int8eq"
+
+
+# ----- data -------------------------------------------------------------------------------------
+
+
+def token_ids(n: int, seed: int) -> list[int]:
+    """``n`` deterministic token ids (the context's key material)."""
+    return np.random.default_rng(seed).integers(0, 32000, n).tolist()
+
+
+def synthetic_context(
+    tokens: int, chunk_tokens: int, shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0
+) -> torch.Tensor:
+    """fp16 ``[layers, 2, tokens, kv_heads, head_dim]``, Llama-like statistics, a different seed per chunk."""
+    from benchmarks.codec_bench import synthetic_llama_chunk
+
+    layers, heads, head_dim = shape
+    n = -(-tokens // chunk_tokens)
+    parts = [synthetic_llama_chunk(seed * 1000 + i, layers, chunk_tokens, heads, head_dim) for i in range(n)]
+    return torch.cat(parts, dim=2)[:, :, :tokens].contiguous()
+
+
+def int8_equivalent(kv: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Incompressible fp16 ``[L, 2, T, H, D/2]``: its lossless blob is as large as ``kv`` in int8.
+
+    Random bits with the exponent's top bit cleared (no inf/NaN); zstd cannot shrink it measurably.
+    """
+    shape = (*kv.shape[:-1], kv.shape[-1] // 2)
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 1 << 16, shape, generator=g, dtype=torch.int32) & 0xBFFF
+    return bits.to(torch.int16).view(torch.float16)
+
+
+def int8_dequant_seconds(kv: torch.Tensor, repeats: int = 3) -> float:
+    """Median time to turn int8-per-token KV (one fp16 scale per layer, K/V, token) of ``kv``'s shape back
+    into fp16: the decode cost of the int8 baseline."""
+    x = kv.float()
+    scale = x.abs().amax(dim=(-1, -2), keepdim=True).clamp_min(1e-8) / 127
+    q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
+    s16 = scale.half()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        (q.float() * s16.float()).half()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----- worker: a kvstream client driven by JSON lines (runs inside a namespace) ---------------------
+
+
+async def _worker_loop(addresses: list[str], inp: IO[str], out: IO[str]) -> None:
+    import codec
+    from client import AsyncKVCacheClient, KVStreamError
+    from kvstore.keys import ModelKey
+
+    def reply(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    # Decode once at every level first: the lossy decoders are JIT-compiled on first use, a one-off
+    # cost a long-running inference server never pays per request.
+    warm = synthetic_context(16, 16, (1, 1, 8))
+    for level in codec.LEVELS:
+        codec.decode(codec.encode(warm, level))
+    async with AsyncKVCacheClient(addresses, timeout=600.0) as client:
+        reply({"ready": True})
+        for line in inp:
+            msg = json.loads(line)
+            op = msg.pop("op")
+            if op == "quit":
+                return
+            model = ModelKey(msg["model"], chunk_tokens=msg["chunk_tokens"])
+            ids = token_ids(msg["tokens"], msg["seed"])
+            if op == "wait":  # the server may still be starting
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        await client.lookup(model, ids)
+                        break
+                    except KVStreamError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.2)
+                reply({"ok": True})
+            elif op == "store":
+                kv = synthetic_context(msg["tokens"], msg["chunk_tokens"], msg["shape"], msg["seed"])
+                levels: Sequence[int] = codec.LEVELS
+                if msg.get("int8eq"):
+                    kv, levels = int8_equivalent(kv, msg["seed"]), (codec.LOSSLESS,)
+                t0 = time.perf_counter()
+                blobs = codec.encode_context(kv, msg["chunk_tokens"], tuple(levels))
+                encode_s = time.perf_counter() - t0
+                await client.store(model, ids, blobs=blobs)
+                level_bytes = {str(lv): sum(len(b[lv]) for b in blobs) for lv in levels}
+                reply({"level_bytes": level_bytes, "raw_bytes": kv.numel() * 2, "encode_seconds": encode_s})
+            elif op == "fetch":
+                if msg.get("forget"):  # no estimates carried over from earlier fetches
+                    client.bandwidth = client.decode_rate = None
+                await client.lookup(model, ids)  # warm connection: TTFT excludes the TCP/HTTP2 handshake
+                res = await client.fetch(
+                    model,
+                    ids,
+                    slo=msg.get("slo"),
+                    level=msg.get("level"),
+                    recompute_tokens_per_second=msg.get("recompute_tps", 0.0),
+                    bandwidth_hint_bps=msg.get("hint_bps"),
+                )
+                kv_hash = None
+                if msg.get("hash") and res.kv is not None:
+                    kv_hash = xxhash.xxh3_64_hexdigest(res.kv.contiguous().view(torch.uint8).numpy().data)
+                reply(
+                    {
+                        "seconds": res.seconds,
+                        "prefix_tokens": res.prefix_tokens,
+                        "nbytes": sum(c.nbytes for c in res.chunks),
+                        "levels": [c.level for c in res.chunks],
+                        "chunks": [
+                            [c.index, c.level, c.nbytes, c.recv_seconds, c.decode_seconds] for c in res.chunks
+                        ],
+                        "recompute": res.recompute,
+                        "truncated": res.truncated,
+                        "reason": res.reason,
+                        "kv_xxh3": kv_hash,
+                        "bandwidth_bps": client.bandwidth,
+                    }
+                )
+            else:
+                raise ValueError(f"unknown op {op!r}")
+
+
+class ClientWorker:
+    """A ``benchmarks.ttft_bench worker`` child process, started by ``popen(argv, **kwargs)``
+    (``subprocess.Popen``, or ``functools.partial(link.popen, link.client.ns)`` inside a namespace)."""
+
+    def __init__(self, popen: Callable[..., Any], argv: Sequence[str], ready_timeout: float = 120.0) -> None:
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        self.proc: subprocess.Popen[str] = popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True
+        )
+        self.read(ready_timeout)
+
+    def _tail(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()[-3000:].decode(errors="replace")
+
+    def send(self, op: str, **fields: Any) -> None:
+        """Send one command; read its answer with ``read``."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+        self.proc.stdin.flush()
+
+    def read(self, timeout: float = 300.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(
+                f"worker gave no answer within {timeout}s (rc={self.proc.poll()}): {self._tail()}"
+            )
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def call(self, op: str, timeout: float = 300.0, **fields: Any) -> dict[str, Any]:
+        self.send(op, **fields)
+        return self.read(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send("quit")
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
+def worker_argv(python_argv: Sequence[str], server: str) -> list[str]:
+    """argv of a worker for ``server``, from a ``ShapedLink.python_argv``-style prefix."""
+    return ["env", "OMP_NUM_THREADS=1", *python_argv, "worker", "--server", server]
+
+
+def server_argv(link: Any, port: int = SERVER_PORT) -> list[str]:
+    """``kvstore serve`` on the server end of ``link`` (a ``ShapedLink``), memory backend."""
+    return link.python_argv(  # type: ignore[no-any-return]
+        "kvstore",
+        "serve",
+        "--listen",
+        f"{link.server.addr}:{port}",
+        "--backend",
+        "memory://",
+        "--log-level",
+        "WARNING",
+    )
+
+
+# ----- benchmark --------------------------------------------------------------------------------
+
+
+def _trace(seed: int, seconds: float, step: float) -> list[float]:
+    """Rates (Mbit/s) for consecutive ``step``-second slots covering ``seconds``."""
+    rng = random.Random(seed)
+    return [rng.choice([100, 200, 500, 1000, 2000]) for _ in range(int(seconds / step) + 2)]
+
+
+def _play(link: Any, rates: Sequence[float], step: float, stop: threading.Event) -> None:
+    for rate in rates:
+        link.set_rate(rate)
+        if stop.wait(step):
+            return
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import codec
+    from deploy.netshape import ShapedLink
+
+    torch.set_num_threads(1)  # like the workers (see the module docstring)
+    shape = tuple(args.shape)
+    spec = {"chunk_tokens": args.chunk_tokens, "tokens": args.tokens, "seed": 0}
+    res: dict[str, Any] = {
+        "config": {
+            "tokens": args.tokens,
+            "chunk_tokens": args.chunk_tokens,
+            "kv_shape": [shape[0], 2, args.tokens, *shape[1:]],
+            "repeats": args.repeats,
+            "slo_fraction": args.slo_fraction,
+            "trace_runs": args.trace_runs,
+            "cpu_count": os.cpu_count(),
+            "codec_default_level": codec.DEFAULT_LEVEL,
+        },
+        "bandwidths": {},
+    }
+    kv = synthetic_context(args.chunk_tokens, args.chunk_tokens, shape)
+    dequant_per_chunk = int8_dequant_seconds(kv)
+    n_chunks = args.tokens // args.chunk_tokens
+    res["int8_dequant_seconds"] = dequant_per_chunk * n_chunks
+    with ShapedLink(rate_mbit=10000) as link:
+        link.popen(link.server.ns, server_argv(link), stdout=subprocess.DEVNULL)
+        addr = f"{link.server.addr}:{SERVER_PORT}"
+        argv = worker_argv(link.python_argv("benchmarks.ttft_bench"), addr)
+        far = ClientWorker(functools.partial(link.popen, link.client.ns), argv)
+        near = ClientWorker(functools.partial(link.popen, link.server.ns), argv)  # no veth: loopback
+        try:
+            far.call("wait", model="bench", **spec)
+            t0 = time.perf_counter()
+            stored = far.call("store", model="bench", shape=shape, **spec)
+            stored8 = far.call("store", model="bench" + INT8_SUFFIX, shape=shape, int8eq=True, **spec)
+            res["store_seconds"] = time.perf_counter() - t0
+            res["bytes"] = {
+                "raw_fp16": stored["raw_bytes"],
+                "levels": stored["level_bytes"],
+                "int8_equivalent": stored8["level_bytes"]["0"],
+            }
+            for label, rate in [(f"{m}Mbit" if m else "loopback", m) for m in args.rates_mbit]:
+                worker = far if rate else near
+                if rate:
+                    link.set_rate(rate)
+                row: dict[str, Any] = {"rate_mbit": rate or None}
+                fp16 = [worker.call("fetch", model="bench", level=0, **spec) for _ in range(args.repeats)]
+                int8 = [
+                    worker.call("fetch", model="bench" + INT8_SUFFIX, level=0, **spec)
+                    for _ in range(args.repeats)
+                ]
+                fp16_s = statistics.median(r["seconds"] for r in fp16)
+                int8_s = statistics.median(r["seconds"] for r in int8) + res["int8_dequant_seconds"]
+                slo = args.slo_fraction * fp16_s
+                adaptive = [worker.call("fetch", model="bench", slo=slo, **spec) for _ in range(args.repeats)]
+                ad_s = statistics.median(r["seconds"] for r in adaptive)
+                row.update(
+                    fp16_seconds=fp16_s,
+                    int8_seconds=int8_s,
+                    adaptive_seconds=ad_s,
+                    slo_seconds=slo,
+                    adaptive_slo_met=sum(r["seconds"] <= slo for r in adaptive) / len(adaptive),
+                    adaptive_levels=[r["levels"] for r in adaptive],
+                    adaptive_mean_level=statistics.mean(lv for r in adaptive for lv in r["levels"]),
+                    adaptive_bytes=statistics.median(r["nbytes"] for r in adaptive),
+                    goodput_mbit=8 * fp16[-1]["nbytes"] / 1e6 / fp16_s,
+                    speedup_vs_fp16=fp16_s / ad_s,
+                    speedup_vs_int8=int8_s / ad_s,
+                    int8_fetch_seconds=int8_s - res["int8_dequant_seconds"],
+                    speedup_vs_int8_transfer_only=(int8_s - res["int8_dequant_seconds"]) / ad_s,
+                    adaptive_chunks=adaptive[0]["chunks"],  # [index, level, bytes, recv s, decode s]
+                    all_seconds={
+                        "fp16": [r["seconds"] for r in fp16],
+                        "int8_fetch": [r["seconds"] for r in int8],
+                        "adaptive": [r["seconds"] for r in adaptive],
+                    },
+                )
+                res["bandwidths"][label] = row
+                brief = {k: v for k, v in row.items() if "levels" not in k and "chunks" not in k}
+                print(json.dumps({label: brief}), flush=True)
+            if args.trace_runs:
+                res["trace"] = _trace_runs(link, far, spec, args)
+        finally:
+            far.close()
+            near.close()
+    return res
+
+
+def _trace_runs(
+    link: Any, worker: ClientWorker, spec: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    import codec
+
+    # The SLO: what the default level achieves on a steady 1 Gbit/s link (transfer + decode, median of 3).
+    link.set_rate(1000)
+    steady = [
+        worker.call("fetch", model="bench", level=codec.DEFAULT_LEVEL, **spec)["seconds"] for _ in range(3)
+    ]
+    slo = statistics.median(steady)
+    step = slo / 4
+    out: dict[str, Any] = {
+        "slo_seconds": slo,
+        "step_seconds": step,
+        "rates_mbit": [100, 200, 500, 1000, 2000],
+    }
+    for name, fields in (("adaptive", {"slo": slo}), ("fixed_default", {"level": codec.DEFAULT_LEVEL})):
+        runs = []
+        for i in range(args.trace_runs):
+            rates = _trace(i, 4 * slo, step)
+            link.set_rate(rates[0])
+            stop = threading.Event()
+            player = threading.Thread(target=_play, args=(link, rates, step, stop))
+            worker.send("fetch", model="bench", **fields, **spec)
+            player.start()
+            r = worker.read()
+            stop.set()
+            player.join()
+            runs.append({"seconds": r["seconds"], "levels": r["levels"], "trace_mbit": rates})
+        secs = [r["seconds"] for r in runs]
+        out[name] = {
+            "hit_rate": sum(s <= slo for s in secs) / len(secs),
+            "median_seconds": statistics.median(secs),
+            "runs": runs,
+        }
+        print(json.dumps({f"trace_{name}": {"hit_rate": out[name]["hit_rate"], "seconds": secs}}), flush=True)
+    return out
+
+
+def plot(res: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["bandwidths"].values() if r["rate_mbit"]]
+    loop = res["bandwidths"].get("loopback")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [r["rate_mbit"] for r in rows]
+    for key, label, style in (
+        ("fp16_seconds", "fp16 (lossless level 0)", "o-"),
+        ("int8_seconds", "int8 per token (bytes + dequant)", "s-"),
+        ("adaptive_seconds", "adaptive (SLO)", "^-"),
+        ("slo_seconds", "SLO", "k:"),
+    ):
+        line = ax.plot(xs, [r[key] for r in rows], style, label=label)
+        if loop is not None and key != "slo_seconds":
+            ax.axhline(loop[key], color=line[0].get_color(), ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bandwidth (Mbit/s, tc htb); dashed: unshaped loopback")
+    ax.set_ylabel("TTFT: fetch + decode (s)")
+    cfg = res["config"]
+    ax.set_title(f"KV {cfg['kv_shape']} fp16, {os.cpu_count()} CPU cores", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command")
+    w = sub.add_parser("worker", help="(internal) JSON-lines client worker")
+    w.add_argument("--server", required=True, help="host:port[,host:port...]")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="PNG of TTFT vs bandwidth")
+    p.add_argument("--tokens", type=int, default=2048, help="context length (full mode: 8192)")
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument(
+        "--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("LAYERS", "HEADS", "DIM")
+    )
+    p.add_argument(
+        "--rates-mbit", type=float, nargs="+", default=[100, 1000, 0], help="0 = unshaped loopback"
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--slo-fraction", type=float, default=0.3)
+    p.add_argument("--trace-runs", type=int, default=6)
+    args = p.parse_args(argv)
+    if args.command == "worker":
+        asyncio.run(_worker_loop(args.server.split(","), sys.stdin, sys.stdout))
+        return 0
+    res = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    if args.plot:
+        plot(res, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
