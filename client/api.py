@@ -51,6 +51,14 @@ _RETRYABLE = {
 # "INTERNAL: Internal error from Core", and fetches are read-only with every chunk verified end to end.
 _RETRYABLE_FETCH = _RETRYABLE | {grpc.StatusCode.INTERNAL}
 
+# Errors that say the request is wrong: never turned into a partial result.
+_CALLER_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
 
 class KVStreamError(RuntimeError):
     """A request failed; ``code`` is the gRPC status code."""
@@ -361,7 +369,9 @@ class AsyncKVCacheClient:
 
         Chunks are decoded on a worker thread while the next one is received. If a front end fails
         mid-stream, the fetch resumes on the next address from the first chunk not yet verified (with the
-        SLO time that is left), so the bytes are identical to an unbroken stream.
+        SLO time that is left), so the bytes are identical to an unbroken stream. If the stream cannot be
+        finished (deadline, every front end failed) after some chunks were verified, those are returned
+        with ``truncated=True`` and the ``reason``; with none verified, or for a bad request, it raises.
         """
         if slo is not None and not slo > 0:
             raise ValueError("slo must be a positive number of seconds")
@@ -392,18 +402,21 @@ class AsyncKVCacheClient:
                 start.bandwidth_hint_bps = bandwidth_hint_bps or state.bandwidth or self.bandwidth or 0
             try:
                 await self._stream_once(self._stub(address), start, state)
+                last = None  # an earlier front end failed, but this one finished the stream
                 break
             except grpc.aio.AioRpcError as err:
                 last = _raise(err)
             except KVStreamError as err:  # bytes damaged in transit: another front end may do better
                 last = err
             if last.code not in _RETRYABLE_FETCH:
-                raise last from None
-        else:
-            assert last is not None
-            if state.next_chunk == 0:
-                raise last
-            state.truncated, state.reason = True, f"every front end failed: {last.message}"
+                break  # e.g. DEADLINE_EXCEEDED: keep what was verified, say why it is short
+        if last is not None and (state.next_chunk == 0 or last.code in _CALLER_ERRORS):
+            # Nothing usable (or the request itself is wrong): let running decodes finish quietly.
+            await asyncio.gather(*state.decodes, return_exceptions=True)
+            raise last
+        if last is not None:
+            state.truncated = True
+            state.reason = f"stream failed after {state.next_chunk} chunks: {last.message}"
         result = await state.result()
         result.seconds = time.perf_counter() - t0
         self.bandwidth = state.bandwidth or self.bandwidth

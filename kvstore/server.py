@@ -649,8 +649,14 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         async def read_reports() -> None:
             # Runs beside the send loop so throughput reports reach the policy while chunks flow.
             async for msg in it:
-                if msg.WhichOneof("msg") == "report":
-                    policy.observe(msg.report)
+                if msg.WhichOneof("msg") != "report":
+                    raise _invalid("only ThroughputReport messages may follow the StreamStart")
+                policy.observe(msg.report)
+
+        def check_reports() -> None:
+            # A protocol error on the request side ends the stream with that error, not silently.
+            if reports.done() and not reports.cancelled() and (exc := reports.exception()) is not None:
+                raise exc
 
         reports = asyncio.create_task(read_reports())
         sidecars = list(start.sidecars)
@@ -664,6 +670,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         pending = load(0, policy.guess(chunks[0])) if chunks else None
         try:
             for i, info in enumerate(chunks):
+                check_reports()
                 await policy.pace()
                 level = policy.choose(info)  # decided only now, from everything measured so far
                 if level == RECOMPUTE:
