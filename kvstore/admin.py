@@ -5,10 +5,10 @@ checks the end-to-end xxh3 of every blob, decodes it (which checks the codec che
 shape, dtype and that it is finite. A chunk the server cannot serve (its envelope failed verification, it
 is missing, its record is corrupt) ends the stream early; verify reports it and resumes after it.
 
-Which contexts: the v1 API names a context's chunks only through its token ids (``Lookup`` /
-``StreamStart``); ``ContextInfo`` carries no chunk list. So verify takes the token ids (``--tokens`` /
-``--tokens-file``) or the documents a preload stored (``--docs`` with the same model flags: they are
-tokenized and windowed exactly as ``kvctl preload`` does, without running the model).
+Which contexts: ``--all`` walks every context of the namespace (``List``, then ``GetContext`` for each
+context's token ids); or one context by its token ids (``--tokens`` / ``--tokens-file``); or the
+documents a preload stored (``--docs`` with the same model flags: they are tokenized and windowed exactly
+as ``kvctl preload`` does, without running the model).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import codec
 from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.rpc import pb, pb_grpc
-from kvstore.wire import model_to_pb
+from kvstore.wire import model_from_pb, model_to_pb
 
 _FATAL = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
@@ -235,15 +235,22 @@ def cmd_verify(args: argparse.Namespace, client: Any) -> None:
     from kvstore.preload import DocumentError, open_source, plan_windows
 
     has_tokens = args.tokens is not None or args.tokens_file is not None
-    if has_tokens == bool(args.docs):
+    if has_tokens + bool(args.docs) + bool(args.all) != 1:
         raise UsageError(
-            "name what to verify: --tokens/--tokens-file (one context) or --docs DOC... with "
-            "--model-file/--hf-model (the contexts a preload stored)"
+            "name what to verify: --all (every context of the namespace), --tokens/--tokens-file "
+            "(one context) or --docs DOC... with --model-file/--hf-model (the contexts a preload stored)"
         )
-    targets: list[tuple[str, list[int]]]
-    if has_tokens:
+    targets: list[tuple[str, ModelKey, list[int]]]
+    if args.all:
+        namespace = args.namespace or "default"
+        targets = []
+        for info in client.ls(args.model or "", namespace=namespace):
+            spec = model_from_pb(info.model)
+            full = client.get_context(spec, context_id=info.context_id)
+            targets.append((info.name or info.context_id.hex()[:16], spec, list(full.token_ids)))
+    elif has_tokens:
         model = model_key(args)
-        targets = [("", parse_tokens(args))]
+        targets = [("", model, parse_tokens(args))]
     else:
         try:
             source = open_source(args.model_file, args.hf_model)
@@ -252,12 +259,12 @@ def cmd_verify(args: argparse.Namespace, client: Any) -> None:
             windows, _, _ = plan_windows(args.docs, source, model.chunk_tokens)
         except DocumentError as e:
             raise UsageError(str(e)) from None
-        targets = [(w.name, w.token_ids) for w in windows]
-    if any(len(ids) < model.chunk_tokens for _, ids in targets):
-        raise UsageError(f"fewer token ids than one chunk of {model.chunk_tokens}")
+        targets = [(w.name, model, w.token_ids) for w in windows]
+    if any(len(ids) < m.chunk_tokens for _, m, ids in targets):
+        raise UsageError("fewer token ids than one chunk")
     verifier = Verifier(args.server.split(","), args.timeout)
     try:
-        checks = [verifier.check(model, ids, name) for name, ids in targets]
+        checks = [verifier.check(m, ids, name) for name, m, ids in targets]
     finally:
         verifier.close()
     bad = [(c, b) for c in checks for b in c.bad]
@@ -315,6 +322,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, tokens: argparse.Argu
     )
     p.add_argument(
         "--docs", nargs="+", metavar="DOC", help="verify the windows `kvctl preload DOC...` stored"
+    )
+    p.add_argument(
+        "--all", action="store_true", help="verify every context of the namespace (--model filters)"
     )
     add_document_args(p)
     p.set_defaults(fn=cmd_verify)

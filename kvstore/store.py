@@ -522,7 +522,10 @@ class ChunkStore:
 
     async def get_context(self, model: ModelKey, query: ContextQuery) -> pb.ContextInfo:
         ctx = await self.resolve(model, query)
-        return await self._with_remaining_ttl(model.namespace, await self.manifest(model.namespace, ctx))
+        man = await self.manifest(model.namespace, ctx)
+        info = await self._with_remaining_ttl(model.namespace, man)
+        info.token_ids.extend(man.token_ids)  # lets operators re-read a context they only know by id
+        return info
 
     async def _records(self, ns: str, hashes: Sequence[bytes]) -> list[pb.ChunkInfo | None]:
         keys = [record_key(ns, h) for h in hashes]

@@ -169,13 +169,26 @@ async def test_preload_verify_du_top(live: KVStreamServer, docs: Path, model_pat
     await live.backend.put(key, bytes(bad), None)
 
     metrics_url = f"http://127.0.0.1:{live.metrics_port}/metrics"
-    (verify2, table, top, top_table) = await kvctl(
+    (verify2, table, top, top_table, every, every_other) = await kvctl(
         live.address,
         ["verify", "--docs", str(docs), *model, "--json"],
         ["verify", "--docs", str(docs / "d1.ids"), *model],
         ["top", "--once", "--json", "--metrics-url", metrics_url, "--interval", "0.2"],
         ["top", "--once", "--metrics-url", metrics_url, "--interval", "0"],
+        ["verify", "--all", "--json"],  # every context of the namespace, found via List + GetContext
+        ["verify", "--all", "--namespace", "other", "--json"],
     )
+    code, out, err = every
+    assert code == 1 and err.startswith("kvctl: error: verify: 1 bad chunks in 1 contexts")
+    ver = json.loads(out)
+    assert len(ver["contexts"]) == 5 and ver["checked"] == 14 * 5 - 1
+    assert [
+        (c["name"], [(b["chunk"], b["level"]) for b in c["bad"]]) for c in ver["contexts"] if c["bad"]
+    ] == [("docs/d1.ids:0", [(3, 2)])]
+    code, out, err = every_other
+    assert code == 0, err
+    assert json.loads(out)["ok"] is True and json.loads(out)["checked"] > 0
+
     code, out, err = verify2
     assert code == 1 and err.startswith("kvctl: error: verify: 1 bad chunks in 1 contexts")
     ver = json.loads(out)

@@ -794,6 +794,7 @@ class ContextInfo(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
     context_id: _builtins.bytes
     name: _builtins.str
     num_chunks: _builtins.int
@@ -811,6 +812,10 @@ class ContextInfo(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """GetContext only: the context's token ids (its full chunks)"""
+
     def __init__(
         self,
         *,
@@ -825,10 +830,11 @@ class ContextInfo(_message.Message):
         ttl_seconds: _builtins.float = ...,
         created_unix: _builtins.float = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_id", b"context_id", "created_unix", b"created_unix", "level_bytes", b"level_bytes", "metadata", b"metadata", "model", b"model", "name", b"name", "num_chunks", b"num_chunks", "num_tokens", b"num_tokens", "pinned", b"pinned", "total_bytes", b"total_bytes", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_id", b"context_id", "created_unix", b"created_unix", "level_bytes", b"level_bytes", "metadata", b"metadata", "model", b"model", "name", b"name", "num_chunks", b"num_chunks", "num_tokens", b"num_tokens", "pinned", b"pinned", "token_ids", b"token_ids", "total_bytes", b"total_bytes", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
