@@ -43,6 +43,7 @@ import torch
 BOS_ID = 1
 BYTE_OFFSET = 3  # sentencepiece byte_fallback: ids 0..2 are <unk> <s> </s>, then <0x00>..<0xFF>
 DOC_SUFFIXES = (".ids", ".txt", ".md")
+SPARSE_BACKENDS = ("shadowkv", "pqcache", "clusterkv")  # --sparse: indexes built from the KV alone
 _NAME_BAD = re.compile(r"[^A-Za-z0-9._/@:+-]")
 
 
@@ -290,17 +291,22 @@ class PreloadSummary:
         }
 
 
-def _is_stored(client: Any, model: Any, window: Window, levels: Sequence[int], pin: bool) -> Any:
-    """The lookup result if ``window`` is fully stored at ``levels`` as a context (pinning it if asked),
-    else None. A prefix shared with a longer context has its chunks but no manifest: not stored."""
+def _is_stored(
+    client: Any, model: Any, window: Window, levels: Sequence[int], pin: bool, sidecars: Sequence[str] = ()
+) -> Any:
+    """The lookup result if ``window`` is fully stored at ``levels`` as a context, with ``sidecars`` on its
+    last chunk (pinning it if asked), else None. A prefix shared with a longer context has its chunks but
+    no manifest: not stored."""
     import grpc
 
     from client import KVStreamError
 
     n_chunks = len(window.token_ids) // model.chunk_tokens
     res = client.lookup(model, window.token_ids)
-    if res.prefix_chunks < n_chunks or any(
-        not set(levels) <= {lv.level for lv in c.levels} for c in res.chunks[:n_chunks]
+    if (
+        res.prefix_chunks < n_chunks
+        or any(not set(levels) <= {lv.level for lv in c.levels} for c in res.chunks[:n_chunks])
+        or not set(sidecars) <= set(res.chunks[n_chunks - 1].sidecars)
     ):
         return None
     try:
@@ -324,16 +330,22 @@ def preload(
     pin: bool = True,
     ttl: float | None = None,
     workers: int = 0,
+    sparse: Sequence[str] = (),
     on_window: Callable[[Window, bool], None] | None = None,
 ) -> PreloadSummary:
     """Store every window's KV cache at ``levels`` through ``client`` (a ``KVCacheClient``).
 
     ``model`` is the ``ModelKey``; the prefill output (float32) is cast to ``model.dtype`` before encoding.
     ``workers`` threads encode and upload while the next window prefills (0 = all on this thread).
+    ``sparse`` names sparse-recall backends whose index is built per window and stored as sidecar
+    ``sparse.<backend>`` of its last chunk (``client.sparse.service``; counted in the encode time).
     ``on_window(window, skipped)`` is called as each window completes. Returns the summary (documents and
     tokens_dropped are left to the caller).
     """
     import codec
+
+    if sparse:
+        from client.sparse.service import build_sidecars, sidecar_name
 
     dtype = getattr(torch, model.dtype)
     summary = PreloadSummary(windows=len(windows), pinned=pin)
@@ -344,11 +356,13 @@ def preload(
     ) -> tuple[Window, dict[int, int], int, float, float]:
         t0 = time.perf_counter()
         blobs = codec.encode_context(kv, model.chunk_tokens, levels)
+        sidecars = build_sidecars(model, window.token_ids, kv, sparse) if sparse else None
         t1 = time.perf_counter()
         res = client.store(
             model,
             window.token_ids,
             blobs=blobs,
+            sidecars=sidecars,
             pin=pin,
             ttl=ttl,
             name=window.name,
@@ -375,7 +389,9 @@ def preload(
         for window in windows:
             summary.tokens += len(window.token_ids)
             summary.fp16_bytes += len(window.token_ids) * source.kv_values_per_token * 2
-            stored = _is_stored(client, model, window, levels, pin)
+            stored = _is_stored(
+                client, model, window, levels, pin, [sidecar_name(b) for b in sparse] if sparse else ()
+            )
             if stored is not None:
                 for c in stored.chunks:
                     for lv in c.levels:
@@ -424,6 +440,10 @@ def cmd_preload(args: argparse.Namespace, client: Any) -> None:
         raise UsageError(str(e)) from None
     if args.workers < 0:
         raise UsageError("--workers must be >= 0")
+    sparse = [b for b in (args.sparse or "").split(",") if b]
+    # ALISA's index needs the prefill queries, which the model sources do not return.
+    if not set(sparse) <= set(SPARSE_BACKENDS):
+        raise UsageError(f"--sparse: choose from {','.join(SPARSE_BACKENDS)}, got {args.sparse!r}")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -448,7 +468,7 @@ def cmd_preload(args: argparse.Namespace, client: Any) -> None:
 
         summary = preload(
             client, model, source, windows, levels=levels, pin=args.pin, ttl=args.ttl,
-            workers=args.workers, on_window=advance,
+            workers=args.workers, sparse=sparse, on_window=advance,
         )  # fmt: skip
     summary.documents, summary.tokens_dropped = n_docs, dropped
     data = summary.as_dict()
@@ -496,4 +516,8 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
         "--workers", type=int, default=0, help="encode/upload threads beside the prefill (default 0: serial)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar (also off when stderr is no TTY)")
+    p.add_argument(
+        "--sparse",
+        help=f"sparse-recall indexes to store per window (comma-separated: {','.join(SPARSE_BACKENDS)})",
+    )
     p.set_defaults(fn=cmd_preload)
