@@ -241,9 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"front end {i}: grpc {fe.address}  metrics {fe.metrics_url}  SERVING", flush=True)
         print(f"KVSTREAM_SERVER={','.join(fe.address for fe in front_ends)}", flush=True)
         state = _state(cluster, front_ends)
-        print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        if args.json:
+        if args.json:  # before "ready in": whoever waits for that line may read the file at once
             args.json.write_text(json.dumps(state, indent=2))
+        print(f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
         if not args.no_smoke:
             summary = smoke(front_ends)
             state["smoke"] = summary
