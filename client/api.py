@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -153,8 +154,53 @@ class _BlobAssembler:
         return blob
 
 
+class _BearerToken:
+    """Adds ``authorization: Bearer <token>`` to the calls of a channel (plaintext or TLS alike)."""
+
+    def __init__(self, token: str) -> None:
+        self._value = f"Bearer {token}"
+
+    def _details(self, details: Any) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add("authorization", self._value)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+# One class per call type: grpc.aio files each interceptor under the first call type it implements only.
+class _BearerUnaryUnary(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _BearerUnaryStream(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _BearerStreamUnary(_BearerToken, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+class _BearerStreamStream(_BearerToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+def _bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    kinds = (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)
+    return [kind(token) for kind in kinds]
+
+
 class AsyncKVCacheClient:
-    """asyncio client for one or more equivalent front ends (any front end serves any request)."""
+    """asyncio client for one or more equivalent front ends (any front end serves any request).
+
+    Security: ``token`` is sent as ``authorization: Bearer <token>`` on every call. ``tls_ca`` (PEM path
+    of the CA that signed the server certificate) switches to TLS; ``tls_cert`` + ``tls_key`` add a
+    client certificate for servers that require mutual TLS. Without any of them the channel is plaintext.
+    """
 
     def __init__(
         self,
@@ -164,10 +210,29 @@ class AsyncKVCacheClient:
         timeout: float = 30.0,
         part_bytes: int = DEFAULT_PART_BYTES,
         channel_options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
             raise ValueError("at least one server address is required")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if token is not None and not token:
+            raise ValueError("token must not be empty")
+        # Files are read now so a wrong path fails here, not on the first request.
+        self._credentials = (
+            None
+            if tls_ca is None and tls_cert is None
+            else grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes() if tls_ca is not None else None,
+                private_key=Path(tls_key).read_bytes() if tls_key is not None else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert is not None else None,
+            )
+        )
+        self._interceptors = [] if token is None else _bearer_interceptors(token)
         self.namespace = namespace
         self.timeout = timeout
         self.part_bytes = part_bytes
@@ -185,7 +250,13 @@ class AsyncKVCacheClient:
     def _stub(self, address: str) -> pb_grpc.KVStreamStub:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
+            ch = self._channels[address] = (
+                grpc.aio.insecure_channel(address, options=self._options, interceptors=self._interceptors)
+                if self._credentials is None
+                else grpc.aio.secure_channel(
+                    address, self._credentials, options=self._options, interceptors=self._interceptors
+                )
+            )
         return pb_grpc.KVStreamStub(ch)
 
     def _rotation(self) -> list[str]:

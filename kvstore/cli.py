@@ -42,7 +42,12 @@ async def serve(config: ServerConfig) -> int:
     metrics = (
         f" metrics=http://{config.metrics_addr}:{server.metrics_port}/metrics" if server.metrics_port else ""
     )
-    print(f"kvstore listening on {server.address} backend={redact(config.backend)}{metrics}", flush=True)
+    tls = "mutual" if config.tls_client_ca else "on" if config.tls_cert else "off"
+    security = f" tls={tls} auth={'tokens' if config.auth_tokens else 'off'}"
+    print(
+        f"kvstore listening on {server.address} backend={redact(config.backend)}{metrics}{security}",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = off)")
     p.add_argument("--default-ttl", type=float, help="TTL in seconds of unpinned contexts (default 86400)")
     p.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
+    p.add_argument(
+        "--auth-tokens", help="token file (YAML or 'TOKEN NS[,NS...] [QUOTA]' lines); requires bearer tokens"
+    )
+    p.add_argument("--tls-cert", help="server certificate chain (PEM); with --tls-key serves TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA bundle (PEM) that client certificates must chain to (mTLS)")
+    p.add_argument("--max-data-streams", type=int, help="concurrent PutChunks + StreamContext calls (64)")
     p.add_argument("--config", default=os.environ.get("KVSTREAM_CONFIG"), help="YAML settings file")
     return parser
 
@@ -83,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metrics_port": args.metrics_port,
         "default_ttl": args.default_ttl,
         "log_level": args.log_level,
+        "auth_tokens": args.auth_tokens,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "max_data_streams": args.max_data_streams,
     }
     try:
         config = load_config(args.config, overrides=overrides)

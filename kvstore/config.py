@@ -37,6 +37,11 @@ class ServerConfig:
     max_concurrent_streams: int = 128  # HTTP/2 streams per connection
     health_interval: float = 5.0  # seconds between backend health probes
     grace_seconds: float = 5.0  # shutdown grace for in-flight RPCs
+    max_data_streams: int = 64  # concurrent PutChunks + StreamContext calls (each buffers or streams blobs)
+    auth_tokens: str = ""  # token file (kvstore.auth); "" = no authentication
+    tls_cert: str = ""  # server certificate chain (PEM); with tls_key enables TLS
+    tls_key: str = ""  # server private key (PEM)
+    tls_client_ca: str = ""  # CA bundle (PEM) of client certificates; set = mutual TLS (certs required)
 
     def validate(self) -> ServerConfig:
         """Raise ``ValueError`` for inconsistent settings; returns self."""
@@ -59,9 +64,14 @@ class ServerConfig:
             "max_context_chunks",
             "max_concurrent_rpcs",
             "max_concurrent_streams",
+            "max_data_streams",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         if ":" not in self.listen:
             raise ValueError(f"listen {self.listen!r}: use host:port")
         return self

@@ -3,9 +3,15 @@
 Runs on any asyncio loop (the CLI uses uvloop). Every RPC goes through one wrapper that maps exceptions to
 status codes, records Prometheus metrics and writes one ``key=value`` log line per request.
 
+Security (all optional, see ``docs/operator-runbook.md``): TLS or mutual TLS on the listening port;
+bearer tokens (``kvstore.auth``) checked by the same wrapper, each limited to its namespaces and byte
+quota. Health and reflection are not wrapped and stay open.
+
 Status codes: INVALID_ARGUMENT (bad spec / ids / level / blob / part order / oversized part or blob),
-NOT_FOUND (unknown context), RESOURCE_EXHAUSTED (backend full, request limits), UNAVAILABLE (backend
-error), DEADLINE_EXCEEDED. A failed request leaves the store as it was: uploads are buffered until Commit.
+NOT_FOUND (unknown context), RESOURCE_EXHAUSTED (backend full, request limits, namespace quota, too many
+concurrent data streams), UNAUTHENTICATED (missing or unknown token), PERMISSION_DENIED (namespace not
+allowed for the token), UNAVAILABLE (backend error), DEADLINE_EXCEEDED.
+A failed request leaves the store as it was: uploads are buffered until Commit.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -26,10 +34,11 @@ from grpc_reflection.v1alpha import reflection
 
 import codec
 from client.adaptation import RECOMPUTE, AdaptivePlanner
+from kvstore.auth import WILDCARD, Tenant, TokenTable
 from kvstore.backends import open_backend
 from kvstore.backends.base import BackendError, BackendFull, StorageBackend
 from kvstore.config import ServerConfig
-from kvstore.keys import InvalidKeyError, ModelKey
+from kvstore.keys import DEFAULT_NAMESPACE, InvalidKeyError, ModelKey
 from kvstore.metrics import Metrics
 from kvstore.rpc import pb, pb_grpc
 from kvstore.store import (
@@ -39,6 +48,7 @@ from kvstore.store import (
     ContextQuery,
     InvalidRequest,
     LimitExceeded,
+    PutResult,
     check_context_name,
     check_sidecar_name,
 )
@@ -49,6 +59,7 @@ log = logging.getLogger("kvstore.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStream"].full_name
 _DEADLINE_FLOOR_S = 0.02  # always keep this much time for the trailer
 _HALF_CLOSE_WAIT_S = 2.0  # how long a finished stream waits for the client to stop writing
+_ALL_CONTEXTS = 1 << 62  # list_contexts limit meaning "all of them" (its 0 means 1000)
 
 
 class RpcFailure(Exception):
@@ -88,6 +99,7 @@ class _Call:
     bytes_out: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     peer: str = ""  # read when the call starts: context.peer() of a call whose connection was reset segfaults
+    tenant: Tenant | None = None  # the caller's token entry; None when authentication is off
 
 
 # ----- level policies ---------------------------------------------------------------------------
@@ -283,10 +295,50 @@ class _Assembly:
 class KVStreamServicer(pb_grpc.KVStreamServicer):
     """Implements every RPC of ``kvstream.v1.KVStream`` on a ``ChunkStore``."""
 
-    def __init__(self, store: ChunkStore, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, store: ChunkStore, config: ServerConfig, metrics: Metrics, tokens: TokenTable | None = None
+    ) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
+        self.tokens = tokens
+        self._data_streams = 0  # PutChunks + StreamContext calls in progress
+        # Serializes quota check + commit per namespace so concurrent uploads cannot overshoot together.
+        self._quota_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    # -- admission: authentication and the data-stream cap ---------------------------------------
+
+    @contextlib.contextmanager
+    def _admit(self, context: Any, call: _Call, data_stream: bool) -> Iterator[None]:
+        """Authenticate the call (sets ``call.tenant``) and, for data streams, hold one of the slots."""
+        if self.tokens is not None:
+            call.tenant = self.tokens.authenticate(context.invocation_metadata())
+            if call.tenant is None:
+                raise RpcFailure(
+                    grpc.StatusCode.UNAUTHENTICATED, "missing or unknown token (authorization: Bearer ...)"
+                )
+            call.extra["tenant"] = call.tenant.name
+        if not data_stream:
+            yield
+            return
+        if self._data_streams >= self.config.max_data_streams:
+            raise LimitExceeded(
+                f"too many concurrent data streams (max_data_streams={self.config.max_data_streams})"
+            )
+        self._data_streams += 1
+        try:
+            yield
+        finally:
+            self._data_streams -= 1
+
+    @staticmethod
+    def _authorize(call: _Call, namespace: str) -> None:
+        """PERMISSION_DENIED unless the caller's token covers ``namespace`` (``"*"`` = the whole store)."""
+        if call.tenant is not None and not call.tenant.allows(namespace):
+            what = "the whole store" if namespace == WILDCARD else f"namespace {namespace!r}"
+            raise RpcFailure(
+                grpc.StatusCode.PERMISSION_DENIED, f"token {call.tenant.name} may not access {what}"
+            )
 
     # -- accounting wrapper ----------------------------------------------------------------------
 
@@ -321,8 +373,11 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             log.error("rpc method=%s unexpected error", method, exc_info=exc)
 
     @staticmethod
-    def _unary(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Wrap a handler ``fn(self, request, context, call)``; its work is bounded by the call deadline."""
+    def _unary(method: str, data_stream: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Wrap a handler ``fn(self, request, context, call)``; its work is bounded by the call deadline.
+
+        ``data_stream`` calls count against ``max_data_streams``.
+        """
 
         def deco(fn: Callable[..., Awaitable[Any]]) -> Any:
             @functools.wraps(fn)
@@ -330,8 +385,9 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                 call, start, code = _Call(peer=context.peer()), time.perf_counter(), grpc.StatusCode.OK
                 try:
                     remaining = context.time_remaining()
-                    async with asyncio.timeout(remaining):
-                        return await fn(self, request, context, call)
+                    with self._admit(context, call, data_stream):
+                        async with asyncio.timeout(remaining):
+                            return await fn(self, request, context, call)
                 except asyncio.CancelledError:
                     code = self._cancel_code(context)
                     raise
@@ -358,8 +414,9 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                 call, start, code = _Call(peer=context.peer()), time.perf_counter(), grpc.StatusCode.OK
                 self.metrics.streams_active.inc()
                 try:
-                    async for item in fn(self, request_iterator, context, call):
-                        yield item
+                    with self._admit(context, call, True):
+                        async for item in fn(self, request_iterator, context, call):
+                            yield item
                 except asyncio.CancelledError:
                     code = self._cancel_code(context)
                     raise
@@ -377,23 +434,26 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _model(spec: pb.ModelSpec) -> ModelKey:
-        return model_from_pb(spec)
+    def _model(self, spec: pb.ModelSpec, call: _Call) -> ModelKey:
+        """The validated model of a request, after checking the caller may use its namespace."""
+        model = model_from_pb(spec)
+        self._authorize(call, model.namespace)
+        return model
 
-    def _query(self, ref: pb.ContextRef) -> tuple[ModelKey, ContextQuery]:
+    def _query(self, ref: pb.ContextRef, call: _Call) -> tuple[ModelKey, ContextQuery]:
         kind = ref.WhichOneof("ref")
         if kind is None:
             raise _invalid("a context reference needs token_ids, context_id or name")
         if kind == "token_ids":
             # Token ids salt the chunk keys, so they need the full model spec.
-            return self._model(ref.model), ContextQuery(token_ids=list(ref.token_ids.ids))
+            return self._model(ref.model, call), ContextQuery(token_ids=list(ref.token_ids.ids))
         # A context id or name only needs the namespace; the rest of the spec may be left empty.
         model = (
-            self._model(ref.model)
+            self._model(ref.model, call)
             if ref.model.model_id
-            else ModelKey("any", namespace=ref.model.namespace or "default")
+            else ModelKey("any", namespace=ref.model.namespace or DEFAULT_NAMESPACE)
         )
+        self._authorize(call, model.namespace)
         if kind == "context_id":
             return model, ContextQuery(context_id=bytes(ref.context_id))
         return model, ContextQuery(name=ref.name)
@@ -402,7 +462,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
     @_unary("Lookup")
     async def Lookup(self, request: pb.LookupRequest, context: Any, call: _Call) -> pb.LookupResponse:
-        model = self._model(request.model)
+        model = self._model(request.model, call)
         which = request.WhichOneof("query")
         if which == "token_ids":
             res = await self.store.lookup(model, token_ids=list(request.token_ids.ids))
@@ -420,36 +480,38 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
     @_unary("GetContext")
     async def GetContext(self, request: pb.ContextRef, context: Any, call: _Call) -> pb.ContextInfo:
-        model, query = self._query(request)
+        model, query = self._query(request, call)
         return await self.store.get_context(model, query)
 
     @_unary("Delete")
     async def Delete(self, request: pb.ContextRef, context: Any, call: _Call) -> pb.DeleteResponse:
-        model, query = self._query(request)
+        model, query = self._query(request, call)
         freed = await asyncio.shield(self.store.delete(model, query))  # finish once started
         return pb.DeleteResponse(deleted=True, chunks_freed=freed)
 
     @_unary("List")
     async def List(self, request: pb.ListRequest, context: Any, call: _Call) -> pb.ListResponse:
+        self._authorize(call, request.namespace or DEFAULT_NAMESPACE)
         infos = await self.store.list_contexts(request.namespace, request.model_id, request.limit)
         return pb.ListResponse(contexts=infos)
 
     @_unary("Stat")
     async def Stat(self, request: pb.StatRequest, context: Any, call: _Call) -> pb.StatResponse:
+        self._authorize(call, request.namespace or WILDCARD)
         return await self.store.stat(request.namespace)
 
-    async def _pin(self, request: pb.PinRequest, pinned: bool) -> pb.PinResponse:
-        model, query = self._query(request.context)
+    async def _pin(self, request: pb.PinRequest, pinned: bool, call: _Call) -> pb.PinResponse:
+        model, query = self._query(request.context, call)
         is_pinned, chunks = await asyncio.shield(self.store.set_pinned(model, query, pinned))
         return pb.PinResponse(pinned=is_pinned, chunks=chunks)
 
     @_unary("Pin")
     async def Pin(self, request: pb.PinRequest, context: Any, call: _Call) -> pb.PinResponse:
-        return await self._pin(request, True)
+        return await self._pin(request, True, call)
 
     @_unary("Unpin")
     async def Unpin(self, request: pb.PinRequest, context: Any, call: _Call) -> pb.PinResponse:
-        return await self._pin(request, False)
+        return await self._pin(request, False, call)
 
     # -- PutChunks -------------------------------------------------------------------------------
 
@@ -496,7 +558,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         asm.buf += part.data
         return len(part.data)
 
-    @_unary("PutChunks")
+    @_unary("PutChunks", data_stream=True)
     async def PutChunks(self, request_iterator: Any, context: Any, call: _Call) -> pb.PutChunksResponse:
         it = request_iterator.__aiter__()
         try:
@@ -506,7 +568,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         if first.WhichOneof("item") != "header":
             raise _invalid("the first PutChunks message must be a PutHeader")
         header = first.header
-        model = self._model(header.model)
+        model = self._model(header.model, call)
         hashes = self.store.context_hashes(model, list(header.token_ids.ids))
         if not hashes:
             raise _invalid(
@@ -514,6 +576,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             )
         if header.name:
             check_context_name(header.name)
+        quota = call.tenant.quota_bytes if call.tenant is not None else 0
         blobs: dict[tuple[int, int, str], _Assembly] = {}
         commit: pb.Commit | None = None
         async for msg in it:
@@ -524,6 +587,11 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                 call.bytes_in += self._add_part(msg.part, len(hashes), blobs)
                 if call.bytes_in > self.config.max_put_bytes:
                     raise LimitExceeded(f"PutChunks carries more than {self.config.max_put_bytes} bytes")
+                if quota and call.bytes_in > quota:  # fail early instead of buffering a hopeless upload
+                    raise LimitExceeded(
+                        f"namespace {model.namespace!r}: upload of more than {quota} bytes exceeds"
+                        f" quota_bytes {quota} by itself; nothing was stored"
+                    )
             elif kind == "commit":
                 commit = msg.commit
             else:
@@ -540,19 +608,26 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             else:
                 chunks[index].levels[level] = bytes(asm.buf)
         ttl = None if header.ttl_seconds == 0 else float(header.ttl_seconds)
+        metadata = dict(commit.metadata)
+
+        async def commit_put() -> PutResult:
+            lock = self._quota_locks[model.namespace] if quota else contextlib.nullcontext()
+            async with lock:
+                if quota:
+                    await self._check_quota(model.namespace, hashes[-1], call.bytes_in, quota)
+                return await self.store.put(
+                    model,
+                    list(header.token_ids.ids),
+                    chunks,
+                    ttl=ttl,
+                    pin=header.pin,
+                    name=header.name,
+                    metadata=metadata,
+                )
+
         # Once validated, the commit runs to completion even if the client goes away: a half-written
         # commit would leave chunk records without their manifest.
-        res = await asyncio.shield(
-            self.store.put(
-                model,
-                list(header.token_ids.ids),
-                chunks,
-                ttl=ttl,
-                pin=header.pin,
-                name=header.name,
-                metadata=dict(commit.metadata),
-            )
-        )
+        res = await asyncio.shield(commit_put())
         call.extra.update(chunks=res.stored_chunks, dedup=res.dedup_chunks)
         return pb.PutChunksResponse(
             context_id=res.context_id,
@@ -561,6 +636,20 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             bytes_written=res.bytes_written,
             dedup_chunks=res.dedup_chunks,
         )
+
+    async def _check_quota(self, namespace: str, context_id: bytes, incoming: int, quota: int) -> None:
+        """Raise ``LimitExceeded`` if storing ``incoming`` bytes takes ``namespace`` over ``quota``.
+
+        Usage is the ``total_bytes`` of the namespace's committed contexts (a chunk shared by several
+        contexts counts in each: conservative), not counting the context being re-put, which is replaced.
+        """
+        infos = await self.store.list_contexts(namespace, limit=_ALL_CONTEXTS)
+        used = sum(i.total_bytes for i in infos if i.context_id != context_id)
+        if used + incoming > quota:
+            raise LimitExceeded(
+                f"namespace {namespace!r} quota exceeded: {used} bytes stored + {incoming} uploaded"
+                f" > quota_bytes {quota}; nothing was stored"
+            )
 
     # -- StreamContext ---------------------------------------------------------------------------
 
@@ -617,7 +706,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             raise _invalid("the first StreamContext message must be a StreamStart")
         start = first.start
         received = time.perf_counter()
-        model = self._model(start.model)
+        model = self._model(start.model, call)
         part_bytes = start.max_part_bytes or self.config.max_part_bytes
         if part_bytes > MAX_PART_BYTES:
             raise _invalid(f"max_part_bytes {part_bytes} is larger than {MAX_PART_BYTES}")
@@ -747,6 +836,16 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 # ----- server -----------------------------------------------------------------------------------
 
 
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from ``tls_cert``/``tls_key`` (None = plaintext); ``tls_client_ca`` demands client
+    certificates signed by that CA (mutual TLS). Raises ``OSError`` for unreadable files."""
+    if not config.tls_cert:
+        return None
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
 class KVStreamServer:
     """One kvstream server: gRPC (KVStream, health, reflection) plus an optional /metrics endpoint.
 
@@ -786,13 +885,24 @@ class KVStreamServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        pb_grpc.add_KVStreamServicer_to_server(KVStreamServicer(self.store, cfg, self.metrics), server)
+        tokens = TokenTable.from_file(cfg.auth_tokens) if cfg.auth_tokens else None
+        if tokens is not None and not cfg.tls_cert:
+            log.warning(
+                "auth tokens=%d without TLS: bearer tokens cross the network in clear text", len(tokens)
+            )
+        servicer = KVStreamServicer(self.store, cfg, self.metrics, tokens)
+        pb_grpc.add_KVStreamServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            self.port = server.add_insecure_port(cfg.listen)
+            creds = server_credentials(cfg)
+            self.port = (
+                server.add_insecure_port(cfg.listen)
+                if creds is None
+                else server.add_secure_port(cfg.listen, creds)
+            )
         except RuntimeError as e:
             raise OSError(f"cannot listen on {cfg.listen}: {e}") from None
         if self.port == 0:
