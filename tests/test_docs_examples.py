@@ -17,16 +17,14 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from kvstore.backends.memory import MemoryBackend
-from kvstore.config import ServerConfig
 from kvstore.server import KVStreamServer
+from tests.support import memory_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -60,23 +58,10 @@ PYTHON_BLOCKS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 async def server() -> AsyncIterator[KVStreamServer]:
-    srv = KVStreamServer(
-        ServerConfig(listen="127.0.0.1:0", backend="memory://", metrics_port=_free_port()),
-        backend=MemoryBackend(),
-    )
-    await srv.start()
-    try:
+    async with memory_server() as srv:
         yield srv
-    finally:
-        await srv.stop(grace=0)
 
 
 async def _run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:

@@ -17,6 +17,7 @@ import pytest
 
 from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.kvctl import main
+from tests.support import KVCTL_DRIVER
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = ",".join(str(i % 500) for i in range(3 * 16 + 5))
@@ -50,27 +51,13 @@ def address() -> Iterator[str]:
 # Each main() makes a new client with its own event loop, and once grpc.aio has run on another loop in
 # the process, the first StreamContext on a new loop can fail with "Internal error from Core"
 # (grpc/grpc#25364); so a `get` is always the first gRPC call of its batch.
-_DRIVER = """
-import contextlib, io, json, sys
-from kvstore.keys import ModelKey, chunk_hashes
-from kvstore.kvctl import main
-results = []
-for argv in json.load(sys.stdin):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    results.append([code, out.getvalue(), err.getvalue()])
-json.dump(results, sys.stdout)
-"""
 
 
 def kvctl_batch(*commands: list[str]) -> list[tuple[int, str, str]]:
     """``(exit code, stdout, stderr)`` of each kvctl command, run in order in one subprocess."""
     proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER], input=json.dumps(commands), cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-c", KVCTL_DRIVER], input=json.dumps(commands), cwd=ROOT, capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -89,7 +76,7 @@ def test_every_subcommand(address: str, tmp_path: Path) -> None:
         ["put", str(tmp_path / "kv.npy"), *base, "--tokens", TOKENS, "--levels", "0", "--name", "doc"],
         ["lookup", *base, "--tokens-file", str(tmp_path / "ids.txt")],
     )
-    # A stream as the first gRPC call of its process (see _DRIVER).
+    # A stream as the first gRPC call of its process (see KVCTL_DRIVER).
     (get,) = kvctl_batch(["get", str(tmp_path / "out.npy"), *base, "--tokens", TOKENS])
     ls, stat, pin, table, unpin, rm, rm_again = kvctl_batch(
         ["ls", *base],

@@ -9,19 +9,13 @@ process must not run a second grpc.aio loop (grpc/grpc#25364).
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kvstore.backends.memory import MemoryBackend
-from kvstore.config import ServerConfig
 from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.preload import (
     BOS_ID,
@@ -35,57 +29,16 @@ from kvstore.preload import (
 from kvstore.server import KVStreamServer
 from kvstore.store import blob_key
 from kvstore.top import parse_metrics, snapshot
+from tests.support import free_port, kvctl, memory_server
 
-ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 64
 DOC_LENGTHS = {"d0.ids": 200, "d1.ids": 600, "d2.ids": 100}  # chunks: 3, 8 + 1 (2 windows), 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 async def live() -> AsyncIterator[KVStreamServer]:
-    """A server on this test's event loop, over a ``MemoryBackend`` the test reaches as ``live.backend``."""
-    cfg = ServerConfig(listen="127.0.0.1:0", backend="memory://", metrics_port=_free_port())
-    srv = KVStreamServer(cfg, backend=MemoryBackend())
-    await srv.start()
-    try:
+    async with memory_server() as srv:
         yield srv
-    finally:
-        await srv.stop(grace=0)
-
-
-_DRIVER = """
-import contextlib, io, json, sys
-from kvstore.kvctl import main
-results = []
-for argv in json.load(sys.stdin):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    results.append([code, out.getvalue(), err.getvalue()])
-json.dump(results, sys.stdout)
-"""
-
-
-async def kvctl(server: str, *commands: list[str]) -> list[tuple[int, str, str]]:
-    """``(exit code, stdout, stderr)`` of each kvctl command, in order, in one subprocess; the event loop
-    keeps serving the in-process server meanwhile."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KVSTREAM_SERVER": server}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _DRIVER, cwd=ROOT, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(json.dumps(commands).encode()), 180)
-    assert proc.returncode == 0, err.decode()
-    return [(int(c), o, e) for c, o, e in json.loads(out)]
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +171,7 @@ async def test_errors_are_one_line(
         ["preload", str(docs)],
         ["preload", str(tmp_path / "big.ids"), "--model-file", str(model_path)],
         ["verify", "--model", "m"],
-        ["top", "--once", "--json", "--metrics-url", f"http://127.0.0.1:{_free_port()}/metrics"],
+        ["top", "--once", "--json", "--metrics-url", f"http://127.0.0.1:{free_port()}/metrics"],
     )
     for (code, out, err), want_code, needle in (
         (no_model, 2, "--model-file"),

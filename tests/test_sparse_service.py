@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,25 +34,18 @@ from client.sparse.service import (
     sidecar_name,
 )
 from kvstore.backends.memory import MemoryBackend
-from kvstore.config import ServerConfig
 from kvstore.envelope import Envelope, Kind, open_envelope, seal
 from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.preload import BOS_ID
 from kvstore.server import KVStreamServer
 from kvstore.store import sidecar_key
+from tests.support import kvctl, memory_server
 
-ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 64
 STORED = 5 * CHUNK  # the context: 5 full chunks ...
 TAIL = 20  # ... plus a partial chunk that is not stored (nor indexed)
 BUDGET = 0.25
 MODEL = ModelKey("stories260K", dtype="float32", chunk_tokens=CHUNK)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +66,8 @@ def local_index(ctx: dict[str, Any], backend: str) -> SparseIndex:
 
 @pytest.fixture
 async def live() -> AsyncIterator[KVStreamServer]:
-    srv = KVStreamServer(
-        ServerConfig(listen="127.0.0.1:0", backend="memory://", metrics_port=_free_port()),
-        backend=MemoryBackend(),
-    )
-    await srv.start()
-    try:
+    async with memory_server() as srv:
         yield srv
-    finally:
-        await srv.stop(grace=0)
 
 
 @pytest.fixture
@@ -317,21 +300,6 @@ async def test_remote_fetch_matches_host_store(
 
 # ----- kvctl preload --sparse -------------------------------------------------------------------------
 
-_KVCTL = """
-import contextlib, io, json, sys
-from kvstore.kvctl import main
-results = []
-for argv in json.load(sys.stdin):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    results.append([code, out.getvalue(), err.getvalue()])
-json.dump(results, sys.stdout)
-"""
-
 
 async def test_preload_sparse(
     live: KVStreamServer, client: AsyncKVCacheClient, ctx: dict[str, Any], model_path: Path, tmp_path: Path
@@ -348,14 +316,8 @@ async def test_preload_sparse(
         [*base, "--sparse", "clusterkv"],  # all there: skipped
         [*base, "--sparse", "alisa"],  # needs prefill queries: refused
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KVSTREAM_SERVER": live.address}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _KVCTL, cwd=ROOT, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(json.dumps(commands).encode()), 120)
-    assert proc.returncode == 0, err.decode()
-    (c1, o1, e1), (c2, o2, e2), (c3, o3, e3), (c4, _, e4) = json.loads(out)
+    results = await kvctl(live.address, *commands, timeout=120)
+    (c1, o1, e1), (c2, o2, e2), (c3, o3, e3), (c4, _, e4) = results
     assert (c1, c2, c3) == (0, 0, 0), e1 + e2 + e3
     assert [json.loads(o)["windows_skipped"] for o in (o1, o2, o3)] == [0, 0, 1]
     assert c4 == 2 and "--sparse" in e4
