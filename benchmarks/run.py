@@ -38,7 +38,11 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         ["--json", "{json}", "--plot", "{out}/sparse_fidelity.png"],
         ["--json", "{json}"],
     ),
-    "scaling": ("benchmarks.scaling_bench", ["--json", "{json}"], ["--json", "{json}"]),
+    "scaling": (
+        "benchmarks.scaling_bench",
+        ["--json", "{json}", "--plot", "{out}/scaling.png"],
+        ["--json", "{json}", "--seconds", "5", "--reps", "1"],
+    ),
 }
 
 

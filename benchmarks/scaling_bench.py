@@ -155,6 +155,28 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def plot(report: dict[str, Any], path: str) -> None:
+    """Bar chart of aggregate throughput and p99 chunk latency: direct Redis, 1 and 3 front ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["direct", "fe1", "fe3"]
+    labels = ["direct redis-py", "1 front end", "3 front ends"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.bar(labels, [report["median_MBps"][n] for n in names], color=["grey", "tab:blue", "tab:green"])
+    ax1.set_ylabel("aggregate fetch MB/s (median)")
+    ax2.bar(labels, [report["median_chunk_latency_ms"][n]["p99"] for n in names],
+            color=["grey", "tab:blue", "tab:green"])  # fmt: skip
+    ax2.set_ylabel("p99 chunk latency (ms)")
+    cpus = report.get("host", {}).get("cpus", "?")
+    fig.suptitle(f"Scale-out over a 3+3 Redis Cluster ({cpus} CPU cores shared by everything)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=15.0, help="duration of each phase")
@@ -165,8 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the JSON report to this file")
+    ap.add_argument("--plot", default=None, help="write a PNG of throughput and p99 latency here")
     args = ap.parse_args(argv)
     report = asyncio.run(bench(args))
+    if args.plot:
+        plot(report, args.plot)
     if args.json:
         with open(args.json, "w") as f:
             f.write(json.dumps(report, indent=2) + "\n")
