@@ -372,6 +372,24 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         if code == grpc.StatusCode.INTERNAL:
             log.error("rpc method=%s unexpected error", method, exc_info=exc)
 
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context: Any, data_stream: bool) -> AsyncIterator[_Call]:
+        """One RPC's frame, shared by unary and streaming handlers: admission (auth, stream cap), the
+        mapping of exceptions to a status with a message, metrics and the per-request log line."""
+        call, start, code = _Call(peer=context.peer()), time.perf_counter(), grpc.StatusCode.OK
+        try:
+            with self._admit(context, call, data_stream):
+                yield call
+        except asyncio.CancelledError:
+            code = self._cancel_code(context)
+            raise
+        except Exception as exc:
+            self._unexpected(method, exc)
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        finally:
+            self._finish(method, code, start, call, context)
+
     @staticmethod
     def _unary(method: str, data_stream: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Wrap a handler ``fn(self, request, context, call)``; its work is bounded by the call deadline.
@@ -382,21 +400,9 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         def deco(fn: Callable[..., Awaitable[Any]]) -> Any:
             @functools.wraps(fn)
             async def wrapper(self: KVStreamServicer, request: Any, context: Any) -> Any:
-                call, start, code = _Call(peer=context.peer()), time.perf_counter(), grpc.StatusCode.OK
-                try:
-                    remaining = context.time_remaining()
-                    with self._admit(context, call, data_stream):
-                        async with asyncio.timeout(remaining):
-                            return await fn(self, request, context, call)
-                except asyncio.CancelledError:
-                    code = self._cancel_code(context)
-                    raise
-                except Exception as exc:
-                    self._unexpected(method, exc)
-                    code, message = status_of(exc)
-                    await context.abort(code, message)
-                finally:
-                    self._finish(method, code, start, call, context)
+                async with self._rpc(method, context, data_stream) as call:
+                    async with asyncio.timeout(context.time_remaining()):
+                        return await fn(self, request, context, call)
 
             return wrapper
 
@@ -411,22 +417,13 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             async def wrapper(
                 self: KVStreamServicer, request_iterator: Any, context: Any
             ) -> AsyncIterator[Any]:
-                call, start, code = _Call(peer=context.peer()), time.perf_counter(), grpc.StatusCode.OK
                 self.metrics.streams_active.inc()
                 try:
-                    with self._admit(context, call, True):
+                    async with self._rpc(method, context, True) as call:
                         async for item in fn(self, request_iterator, context, call):
                             yield item
-                except asyncio.CancelledError:
-                    code = self._cancel_code(context)
-                    raise
-                except Exception as exc:
-                    self._unexpected(method, exc)
-                    code, message = status_of(exc)
-                    await context.abort(code, message)
                 finally:
                     self.metrics.streams_active.dec()
-                    self._finish(method, code, start, call, context)
 
             return wrapper
 
