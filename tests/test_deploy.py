@@ -347,8 +347,21 @@ def _demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its redis-servers and front ends share this process group
     )
     return proc, out
+
+
+def _stop_demo(proc: subprocess.Popen[str]) -> None:
+    """After a failed assertion: let the demo shut its children down, else kill its whole group."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_cluster_demo_smoke(redis_bin: str, tmp_path: Path) -> None:
@@ -356,8 +369,7 @@ def test_cluster_demo_smoke(redis_bin: str, tmp_path: Path) -> None:
     try:
         log, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop_demo(proc)
     assert proc.returncode == 0, log
     assert "smoke OK" in log and "identical bytes" in log
     ready = re.findall(r"front end \d: grpc 127\.0\.0\.1:\d+ +metrics http://\S+/metrics +SERVING", log)
@@ -385,9 +397,7 @@ def test_cluster_demo_stops_on_sigterm(redis_bin: str, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop_demo(proc)
     assert proc.returncode == 0, "".join(lines) + rest
     assert "interrupted: stopping" in rest
     _assert_all_gone(state)
