@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import BENCHMARKS
+from benchmarks.run import BENCHMARKS, select_benchmarks
 
 MAX_ROWS = 60  # per benchmark table; the JSON next to the report has everything
 _SKIP_KEYS = {"samples", "argv", "command", "env", "host", "platform"}
@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
-    unknown = sorted(set(names) - set(BENCHMARKS))
-    if unknown:
-        print(f"benchmarks.report: error: unknown benchmark(s): {', '.join(unknown)}", file=sys.stderr)
+    try:
+        names = select_benchmarks(args.only)
+    except ValueError as e:
+        print(f"benchmarks.report: error: {e}", file=sys.stderr)
         return 2
     if args.from_json:
         bench_dir, mode = Path(args.from_json), "rendered from earlier results"

@@ -46,6 +46,15 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
 }
 
 
+def select_benchmarks(only: str) -> list[str]:
+    """Names from a comma-separated ``--only`` value (all when empty); ``ValueError`` for unknown ones."""
+    names = [n for n in only.split(",") if n] or list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s): {', '.join(unknown)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="reports/bench", help="directory for the JSON and PNG files")
@@ -55,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
-    unknown = sorted(set(names) - set(BENCHMARKS))
-    if unknown:
-        print(f"benchmarks.run: error: unknown benchmark(s): {', '.join(unknown)}", file=sys.stderr)
+    try:
+        names = select_benchmarks(args.only)
+    except ValueError as e:
+        print(f"benchmarks.run: error: {e}", file=sys.stderr)
         return 2
     summary: dict[str, dict[str, object]] = {}
     for name in names:
