@@ -15,7 +15,10 @@ remaining context* before every chunk from the live throughput estimate and the 
   the smallest level is used and the miss is reported (``Plan.fits``).
 
 Throughput is the harmonic mean of recent per-chunk goodput samples (bytes / seconds) reported by the
-client or measured by the server. Levels are codec levels: 0 is lossless (largest), higher levels are smaller.
+client or measured by the server, and plans use it discounted by the largest recent over-prediction
+(``planning_bandwidth``, as RobustMPC does for video bitrate): a token-bucket shaper that lets bursts
+through makes the mean run ahead of the link, and a plan that trusts it misses the SLO by the
+difference. Levels are codec levels: 0 is lossless (largest), higher levels are smaller.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class AdaptivePlanner:
         self.recompute_seconds = recompute_seconds
         self.decode_seconds = decode_seconds
         self._samples: deque[float] = deque([float(bandwidth_bps)] * bandwidth_weight, maxlen=window)
+        self._over: deque[float] = deque(maxlen=window)  # relative over-predictions of recent samples
         self._decodes: deque[float] = deque([decode_seconds] if decode_seconds else [], maxlen=window)
 
     def observe(self, nbytes: int, seconds: float) -> None:
@@ -95,8 +99,15 @@ class AdaptivePlanner:
         misses the SLO where a too-low one only costs a notch of quality.
         """
         if nbytes > 0 and seconds > 0:
-            self._samples.append(nbytes / seconds)
+            sample = nbytes / seconds
+            self._over.append(max(self.bandwidth / sample - 1.0, 0.0))
+            self._samples.append(sample)
             self.bandwidth = len(self._samples) / sum(1 / s for s in self._samples)
+
+    @property
+    def planning_bandwidth(self) -> float:
+        """The estimate discounted by the largest recent over-prediction (bytes/s): what plans assume."""
+        return self.bandwidth / (1.0 + max(self._over, default=0.0))
 
     def observe_decode(self, seconds: float) -> None:
         """Feed one measured client decode time of a chunk."""
@@ -109,7 +120,7 @@ class AdaptivePlanner:
             assert self.recompute_seconds is not None
             return self.recompute_seconds
         # Chunk i decodes while chunk i+1 is on the wire: the slower of the two stages sets the pace.
-        return max(self.chunk_sizes[index][level] / self.bandwidth, self.decode_seconds or 0.0)
+        return max(self.chunk_sizes[index][level] / self.planning_bandwidth, self.decode_seconds or 0.0)
 
     def _tail_reserve(self, level: int) -> float:
         return 0.0 if level == RECOMPUTE else self.decode_seconds or 0.0

@@ -625,7 +625,8 @@ class _FetchState:
 
     def on_recompute(self, msg: pb.ChunkData) -> None:
         self._check_order(msg.chunk_index)
-        self._last_arrival = time.perf_counter()
+        # ``_last_arrival`` stays: a marker carries no bytes, and timing the next blob from it (markers
+        # can reach this loop late, batched with that blob's first bytes) would overstate the link.
         done: asyncio.Future[tuple[torch.Tensor | None, float]] = asyncio.get_running_loop().create_future()
         done.set_result((None, 0.0))
         self.decodes.append(done)

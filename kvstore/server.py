@@ -223,16 +223,16 @@ class AdaptiveLevelPolicy:
     def _time_left(self) -> float:
         unacked = sum(self._sizes[i] for i in self._unacked)
         elapsed = time.perf_counter() - self._t0
-        return self.planner.slo * (1 - self.SLO_MARGIN) - elapsed - unacked / self.planner.bandwidth
+        return self.planner.slo * (1 - self.SLO_MARGIN) - elapsed - unacked / self.planner.planning_bandwidth
 
     def choose(self, chunk: pb.ChunkInfo) -> int:
         pos = self._pos[chunk.index]
         time_left = self._time_left()
         plan = self.planner.plan(pos, time_left, head_recompute=self._head)
         log.debug(
-            "adaptive chunk=%d time_left_ms=%.1f bandwidth_bps=%.0f decode_ms=%.1f plan=%s fits=%s",
-            chunk.index, time_left * 1e3, self.planner.bandwidth, (self.planner.decode_seconds or 0) * 1e3,
-            plan.levels, plan.fits,
+            "adaptive chunk=%d time_left_ms=%.1f planning_bps=%.0f decode_ms=%.1f plan=%s fits=%s",
+            chunk.index, time_left * 1e3, self.planner.planning_bandwidth,
+            (self.planner.decode_seconds or 0) * 1e3, plan.levels, plan.fits,
         )
         self._head = self._head and plan.levels[0] == RECOMPUTE
         self._next_levels = (pos + 1, plan.levels[1]) if len(plan.levels) > 1 else None

@@ -107,7 +107,7 @@ def test_rate_drop_mid_stream_steps_quality_down_and_meets_the_slo(
 ) -> None:
     link, worker = shaped
     hint = _rate(link, 100)
-    slo = 1.0
+    slo = 1.5  # room below the smallest level after the drop: only then is the test about the planner
     worker.send("fetch", model="t", slo=slo, hint_bps=hint, **LONG)
     timer = threading.Timer(0.25, link.set_rate, args=(50,))
     timer.start()
@@ -129,14 +129,17 @@ def test_rate_drop_mid_stream_steps_quality_down_and_meets_the_slo(
 def test_too_little_bandwidth_falls_back_to_recompute(shaped: tuple[ShapedLink, ClientWorker]) -> None:
     link, worker = shaped
     hint = _rate(link, 20)  # the smallest level, 12 x ~125 KB, needs ~0.6 s
-    slo, tps = 0.35, 5120.0  # 50 ms per 256-token chunk
+    slo, tps = 0.5, 5120.0  # 50 ms per 256-token chunk
     res = worker.call("fetch", model="t", slo=slo, hint_bps=hint, recompute_tps=tps, **SPEC)
     marked = [c for c in res["chunks"] if c[1] == RECOMPUTE]
-    assert marked and res["levels"][: len(marked)] == [RECOMPUTE] * len(marked)  # the head, overlapped
+    assert res["levels"][:2] == [RECOMPUTE] * 2  # the head, overlapped with the stream
     assert res["recompute"] == [[CHUNK * c[0], CHUNK * (c[0] + 1)] for c in marked]
     assert all(c[2] == 0 for c in marked) and res["prefix_tokens"] == SPEC["tokens"]
     assert len(marked) < len(res["levels"])  # the tail still streams
-    assert res["seconds"] <= slo * SLO_SLACK, res
+    # Chunks marked after the head (a late re-plan) are prefilled after the stream: they count too.
+    head = next(i for i, level in enumerate(res["levels"]) if level != RECOMPUTE)
+    late = sum(1 for level in res["levels"][head:] if level == RECOMPUTE)
+    assert res["seconds"] + late * CHUNK / tps <= slo * SLO_SLACK, res
     # Without recompute the same link cannot make it: the smallest level alone is too big.
     smallest = worker.call("fetch", model="t", level=max(codec.LEVELS), **SPEC)
     assert smallest["seconds"] > slo
@@ -228,7 +231,7 @@ async def test_recompute_ranges_prefilled_locally_give_the_exact_kv(model_path: 
                 seen: list[tuple[int, int]] = []
                 async with AsyncKVCacheClient(_address(proxy)) as slow:
                     res = await slow.fetch(
-                        model, ids, slo=0.3, recompute_tokens_per_second=2000, bandwidth_hint_bps=25_000,
+                        model, ids, slo=0.5, recompute_tokens_per_second=2000, bandwidth_hint_bps=25_000,
                         on_recompute=lambda s, e: seen.append((s, e)),
                     )  # fmt: skip
     finally:
