@@ -439,7 +439,7 @@ async def test_deadline_gives_a_truncated_trailer(server: KVStreamServer, stub: 
     _slow_reads(server, 0.05)
     t0 = time.perf_counter()
     header, blobs, trailer, _ = await stream_context(stub, model, ids, timeout=0.4)
-    assert time.perf_counter() - t0 < 0.4
+    assert time.perf_counter() - t0 < 0.5  # the deadline plus scheduling on a busy machine
     assert header.prefix_chunks == 20 and trailer.truncated and trailer.reason.startswith("deadline")
     assert 0 < trailer.verified_chunks == len(blobs) < 20
     # A deadline far below one backend read: a truncated trailer or DEADLINE_EXCEEDED, never a hang.
