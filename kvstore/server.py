@@ -48,6 +48,7 @@ from kvstore.store import (
     ContextQuery,
     InvalidRequest,
     LimitExceeded,
+    NamespaceBusy,
     PutResult,
     check_context_name,
     check_sidecar_name,
@@ -84,6 +85,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, LimitExceeded | BackendFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, NamespaceBusy):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, BackendError):
         return grpc.StatusCode.UNAVAILABLE, f"backend error: {exc}"
     if isinstance(exc, TimeoutError):
@@ -608,9 +611,13 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         metadata = dict(commit.metadata)
 
         async def commit_put() -> PutResult:
-            lock = self._quota_locks[model.namespace] if quota else contextlib.nullcontext()
-            async with lock:
+            async with contextlib.AsyncExitStack() as stack:
                 if quota:
+                    # Check + commit must be atomic across *all* front ends sharing the store, or two
+                    # uploads that each fit could both pass the check. The local lock keeps this
+                    # process's waiters off the backend's lease key.
+                    await stack.enter_async_context(self._quota_locks[model.namespace])
+                    await stack.enter_async_context(self.store.namespace_lease(model.namespace))
                     await self._check_quota(model.namespace, hashes[-1], call.bytes_in, quota)
                 return await self.store.put(
                     model,
@@ -639,6 +646,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
         Usage is the ``total_bytes`` of the namespace's committed contexts (a chunk shared by several
         contexts counts in each: conservative), not counting the context being re-put, which is replaced.
+        The caller holds the namespace's lease, so no other front end commits in between.
         """
         infos = await self.store.list_contexts(namespace, limit=_ALL_CONTEXTS)
         used = sum(i.total_bytes for i in infos if i.context_id != context_id)

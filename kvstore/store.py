@@ -10,6 +10,8 @@ Key scheme (the ``{hash tag}`` keeps every key of one chunk on one Redis Cluster
     kvs:{tag}:pins         set of pinned context ids referencing the chunk (pinned iff non-empty)
     kvs:{ns:ctxid}:man     MANIFEST envelope (pb.Manifest); context id = hash of the context's last chunk
     kvs:{ns:name:N}:name   NAME_INDEX envelope (body: the context id) for lookups by human name
+    kvs:{ns:lease}:lease   a namespace lease (random owner token, short TTL) held across front ends
+                           while a quota check and its commit run (``namespace_lease``)
 
 Write order of a put: blobs, refs/pins sets, chunk records, manifest last, so an interrupted upload is
 never visible as a context. Everything is content-addressed, so concurrent writers of one context write
@@ -20,11 +22,13 @@ that fails is treated as a miss, counted in ``kvstream_corrupt_records`` and log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +65,10 @@ class LimitExceeded(RuntimeError):
     """The request is larger than a configured limit (maps to RESOURCE_EXHAUSTED)."""
 
 
+class NamespaceBusy(RuntimeError):
+    """Another front end held the namespace lease for longer than we may wait (maps to UNAVAILABLE)."""
+
+
 # ----- keys ---------------------------------------------------------------------------------------
 
 
@@ -94,6 +102,10 @@ def manifest_key(ns: str, context_id: bytes) -> str:
 
 def name_key(ns: str, name: str) -> str:
     return "kvs:{" + ns + ":name:" + name + "}:name"
+
+
+def lease_key(ns: str) -> str:
+    return "kvs:{" + ns + ":lease}:lease"
 
 
 def _manifest_pattern(ns: str | None) -> str:
@@ -175,6 +187,34 @@ class ChunkStore:
         self.metrics = metrics if metrics is not None else Metrics()
         self.max_blob_bytes = max_blob_bytes
         self.max_context_chunks = max_context_chunks
+
+    # ----- coordination -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def namespace_lease(
+        self, namespace: str, *, ttl: float = 30.0, wait: float = 10.0
+    ) -> AsyncIterator[None]:
+        """Hold ``namespace``'s lease: exclusive among every front end sharing this backend.
+
+        A lease is a key written only if absent, with a random owner token and a ``ttl`` (seconds), so a
+        front end that dies holding it blocks the others for at most ``ttl``. Waits up to ``wait``
+        seconds (polling with backoff), then raises ``NamespaceBusy``. Release deletes the key only if
+        it still holds our token (it may have expired and been taken over by a slower commit's peer).
+        Used to make a quota check and its commit atomic across front ends.
+        """
+        key, token = lease_key(namespace), os.urandom(16)
+        deadline = time.monotonic() + wait
+        delay = 0.002
+        while not await self.backend.put_if_absent(key, token, ttl):
+            if time.monotonic() >= deadline:
+                raise NamespaceBusy(f"namespace {namespace!r} is busy (another upload holds its lease)")
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.05)
+        try:
+            yield
+        finally:
+            if await self.backend.get(key) == token:
+                await self.backend.delete_many([key])
 
     # ----- verification helpers ---------------------------------------------------------------
 

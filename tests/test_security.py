@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -284,6 +285,53 @@ async def test_quota_rejects_uploads_that_would_exceed_it(auth_server: KVStreamS
             await q.delete(model, context_id=c.context_id)
         await q.store(model, third_ids, _kv(64, seed=3), levels=[0])
         await adm.store(model, list(range(3000, 3000 + 256)), _kv(256, seed=5), levels=[0, 1])
+
+
+async def test_quota_holds_across_front_ends_sharing_a_store(redis_url: str, tmp_path: Path) -> None:
+    """Three front ends over one Redis, one upload each, at once; the quota fits two: exactly two land.
+
+    Each front end's commit is slowed down (fault injection around the real store) so that, without a
+    lease shared through the store, all three quota checks would run before any commit and pass.
+    """
+    ns = f"race-{tmp_path.name}"[-60:]
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f"tokens:\n  - token: {TOKEN_Q}\n    namespaces: [{ns}]\n    quota_bytes: {QUOTA}\n")
+    fronts = []
+    for _ in range(3):
+        cfg = ServerConfig(
+            listen="127.0.0.1:0", backend=redis_url, grace_seconds=0.1, auth_tokens=str(tokens)
+        ).validate()
+        srv = KVStreamServer(cfg, backend=open_backend(redis_url))
+        real_put = srv.store.put
+
+        async def slow_put(*args: Any, _real: Callable[..., Awaitable[Any]] = real_put, **kw: Any) -> Any:
+            await asyncio.sleep(0.2)
+            return await _real(*args, **kw)
+
+        srv.store.put = slow_put  # type: ignore[method-assign]
+        await srv.start()
+        fronts.append(srv)
+    model = _model(ns)
+    try:
+        clients = [_client(srv, ns, token=TOKEN_Q) for srv in fronts]
+        async with contextlib.AsyncExitStack() as stack:
+            for c in clients:
+                await stack.enter_async_context(c)
+            results = await asyncio.gather(
+                *(
+                    c.store(model, [10_000 * i + t for t in range(64)], _kv(64, seed=i), levels=[0])
+                    for i, c in enumerate(clients)
+                ),
+                return_exceptions=True,
+            )
+            stored = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, KVStreamError)]
+            assert len(stored) == 2 and len(refused) == 1, results
+            assert all(r.code == Code.RESOURCE_EXHAUSTED and "quota" in r.message for r in refused)
+            assert sum(c.total_bytes for c in await clients[0].ls()) <= QUOTA
+    finally:
+        for srv in fronts:
+            await srv.stop(0)
 
 
 # ----- TLS ------------------------------------------------------------------------------------------------

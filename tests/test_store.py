@@ -21,7 +21,9 @@ from kvstore.store import (
     ContextNotFound,
     ContextQuery,
     InvalidRequest,
+    NamespaceBusy,
     blob_key,
+    lease_key,
     manifest_key,
     record_key,
 )
@@ -247,3 +249,25 @@ async def test_list_and_stat_by_namespace(store: ChunkStore, model: ModelKey) ->
     assert len(await store.list_contexts(model.namespace, limit=1)) == 1
     stat = await store.stat(model.namespace)
     assert stat.contexts == 2 and stat.keys > 0 and stat.backend == store.backend.name
+
+
+async def test_namespace_lease_is_exclusive_and_expires(store: ChunkStore, model: ModelKey) -> None:
+    ns = model.namespace
+    order: list[str] = []
+
+    async def holder(name: str) -> None:
+        async with store.namespace_lease(ns):
+            order.append(f"{name}+")
+            await asyncio.sleep(0.05)
+            order.append(f"{name}-")
+
+    await asyncio.gather(holder("a"), holder("b"))
+    assert order in (["a+", "a-", "b+", "b-"], ["b+", "b-", "a+", "a-"])  # never interleaved
+    # A holder that died keeps the lease only for its TTL; a waiter gives up with a clear error.
+    assert await store.backend.put_if_absent(lease_key(ns), b"dead-front-end", 0.3)
+    with pytest.raises(NamespaceBusy, match="busy"):
+        async with store.namespace_lease(ns, wait=0.05):
+            pass
+    async with store.namespace_lease(ns, wait=5.0):
+        assert await store.backend.get(lease_key(ns)) not in (None, b"dead-front-end")
+    assert await store.backend.get(lease_key(ns)) is None  # released
