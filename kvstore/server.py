@@ -930,7 +930,8 @@ class KVStreamServer:
             self.metrics.store_evictions.set(stats.evictions)
             status = health_pb2.HealthCheckResponse.SERVING
         except (BackendError, TimeoutError, OSError) as e:
-            log.warning("health backend=%s status=NOT_SERVING reason=%r", self.backend.name, str(e))
+            reason = str(e) or f"{type(e).__name__} (no answer within the probe timeout)"
+            log.warning("health backend=%s status=NOT_SERVING reason=%r", self.backend.name, reason)
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
