@@ -17,7 +17,7 @@ import argparse
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -26,6 +26,9 @@ import codec
 from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.rpc import pb, pb_grpc
 from kvstore.wire import model_from_pb, model_to_pb
+
+if TYPE_CHECKING:
+    from kvstore.kvctl import Connection
 
 _FATAL = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
@@ -117,12 +120,14 @@ class ContextCheck:
 
 
 class Verifier:
-    """Streams chunks over a blocking gRPC channel (independent of the asyncio client's loop)."""
+    """Streams chunks over blocking gRPC channels (independent of the asyncio client's loop), with the
+    token and TLS settings of ``conn``."""
 
-    def __init__(self, addresses: Sequence[str], timeout: float) -> None:
+    def __init__(self, conn: Connection) -> None:
         opts = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
-        self.channels = [grpc.insecure_channel(a, options=opts) for a in addresses]
-        self.timeout = timeout
+        self.channels = [conn.channel(a, opts) for a in conn.addresses]
+        self.timeout = conn.timeout
+        self.metadata = conn.metadata
 
     def close(self) -> None:
         for ch in self.channels:
@@ -150,7 +155,9 @@ class Verifier:
         ids = pb.TokenIds(ids=list(token_ids))
         out = ContextCheck(name, hashes[-1].hex() if hashes else "", len(hashes))
         res = self._call(
-            lambda s: s.Lookup(pb.LookupRequest(model=spec, token_ids=ids), timeout=self.timeout)
+            lambda s: s.Lookup(
+                pb.LookupRequest(model=spec, token_ids=ids), timeout=self.timeout, metadata=self.metadata
+            )
         )
         found = len(res.chunks)
         if found < len(hashes):
@@ -180,7 +187,10 @@ class Verifier:
         )
         expect, asm = start, _BlobAssembler()
         try:
-            for resp in self._call(lambda s: s.StreamContext(iter([req]), timeout=self.timeout)):
+            stream = self._call(
+                lambda s: s.StreamContext(iter([req]), timeout=self.timeout, metadata=self.metadata)
+            )
+            for resp in stream:
                 kind = resp.WhichOneof("msg")
                 if kind == "trailer":
                     if resp.trailer.truncated and expect < found:
@@ -262,7 +272,7 @@ def cmd_verify(args: argparse.Namespace, client: Any) -> None:
         targets = [(w.name, model, w.token_ids) for w in windows]
     if any(len(ids) < m.chunk_tokens for _, m, ids in targets):
         raise UsageError("fewer token ids than one chunk")
-    verifier = Verifier(args.server.split(","), args.timeout)
+    verifier = Verifier(args.connection)
     try:
         checks = [verifier.check(m, ids, name) for name, m, ids in targets]
     finally:

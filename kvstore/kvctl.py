@@ -5,6 +5,12 @@ KV files are ``.npy`` arrays ``[layers, 2, tokens, kv_heads, head_dim]``; token 
 ``--tokens 1,2,3`` or ``--tokens-file F`` (whitespace-separated integers). Human tables by default,
 ``--json`` for scripts. Every failure prints one line ``kvctl: error: <reason>`` on stderr and exits
 2 (usage / bad input) or 1 (server or connection error).
+
+Secured servers (``kvstore serve --auth-tokens/--tls-*``): every subcommand takes ``--token`` or
+``--token-file`` and ``--tls-ca``, ``--tls-cert`` + ``--tls-key`` (env ``KVSTREAM_TOKEN``,
+``KVSTREAM_CLIENT_TLS_CA``, ``KVSTREAM_CLIENT_TLS_CERT``, ``KVSTREAM_CLIENT_TLS_KEY``), turned into one
+``Connection`` by ``connection(args)``. Commands are called as ``fn(args, client)``;
+``args.connection`` is that ``Connection``, for commands that open channels of their own (``verify``).
 """
 
 from __future__ import annotations
@@ -15,10 +21,16 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import grpc
+
+    from client import KVCacheClient
 
 DEFAULT_SERVER = "127.0.0.1:50551"
 EXIT_SERVER = 1
@@ -33,6 +45,154 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, no usage dump
         print(f"kvctl: error: {message}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+# ----- connection -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How kvctl reaches the server: front-end addresses, per-request timeout, and the security settings
+    matching ``kvstore serve --auth-tokens / --tls-cert / --tls-client-ca``.
+
+    ``token`` is sent as ``authorization: Bearer <token>``; ``tls_ca`` (PEM path) turns TLS on and verifies
+    the server against that CA; ``tls_cert`` + ``tls_key`` present a client certificate (mutual TLS). The
+    token is left out of ``repr`` so it cannot end up in a log line or an error message.
+    """
+
+    addresses: list[str]
+    namespace: str = "default"
+    timeout: float = 30.0
+    token: str | None = field(default=None, repr=False)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        """True when the channels use TLS (a CA or a client certificate was given)."""
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the bearer token (empty without one), for raw stubs on ``channel()``."""
+        return () if self.token is None else (("authorization", f"Bearer {self.token}"),)
+
+    def client(self) -> KVCacheClient:
+        """A blocking ``client.KVCacheClient`` with these settings (it adds the token to every call)."""
+        from client import KVCacheClient
+
+        return KVCacheClient(
+            self.addresses, namespace=self.namespace, timeout=self.timeout, token=self.token,
+            tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key,
+        )  # fmt: skip
+
+    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        """A blocking gRPC channel to ``address``: TLS when configured, else plaintext. The token is not
+        attached here: pass ``metadata=self.metadata`` on each call."""
+        import grpc
+
+        if not self.tls:
+            return grpc.insecure_channel(address, options=list(options))
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read_opt(self.tls_ca),
+            private_key=_read_opt(self.tls_key),
+            certificate_chain=_read_opt(self.tls_cert),
+        )
+        return grpc.secure_channel(address, creds, options=list(options))
+
+
+def _read_opt(path: str | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+def _pem(path: str | None, flag: str) -> str | None:
+    """``path`` after checking it is a readable PEM file (so a typo fails now, as a usage error, rather
+    than as an opaque handshake failure on the first request)."""
+    if path is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot read: {e.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise UsageError(f"{flag} {path}: not a PEM file")
+    return path
+
+
+def connection(args: argparse.Namespace) -> Connection:
+    """The ``Connection`` of ``--server``, ``--namespace``, ``--timeout``, ``--token`` / ``--token-file`` and
+    ``--tls-ca`` / ``--tls-cert`` / ``--tls-key`` (environment defaults already applied by the parser);
+    raises ``UsageError`` for incomplete settings or unreadable files. Messages never include the token."""
+    if args.token_file is not None:
+        where = f"--token-file {args.token_file}"
+        try:
+            token: str | None = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise UsageError(f"{where}: cannot read: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{where}: not a text file") from None
+    else:
+        token, where = args.token or None, "--token / $KVSTREAM_TOKEN"  # empty = unset, as for the TLS files
+    if token is not None and (not token or any(c.isspace() or not c.isprintable() for c in token)):
+        # Whitespace or control characters cannot go into an HTTP/2 header, and usually mean a wrong file.
+        raise UsageError(f"{where}: expected one token: non-empty, one line, no spaces")
+    # An empty value ("--tls-ca ''") unsets its environment default.
+    ca, cert, key = args.tls_ca or None, args.tls_cert or None, args.tls_key or None
+    if (cert is None) != (key is None):
+        raise UsageError(
+            "--tls-cert and --tls-key (or $KVSTREAM_CLIENT_TLS_CERT / $KVSTREAM_CLIENT_TLS_KEY) go together: "
+            "give both or neither"
+        )
+    addresses = [a.strip() for a in args.server.split(",") if a.strip()]
+    if not addresses:
+        raise UsageError("--server / $KVSTREAM_SERVER: no address (host:port[,host:port...])")
+    return Connection(
+        addresses=addresses,
+        namespace=args.namespace or "default",
+        timeout=args.timeout,
+        token=token,
+        tls_ca=_pem(ca, "--tls-ca"),
+        tls_cert=_pem(cert, "--tls-cert"),
+        tls_key=_pem(key, "--tls-key"),
+    )
+
+
+def add_connection_args(parser: argparse.ArgumentParser) -> None:
+    """``--server``, ``--timeout`` and the security flags, with their ``KVSTREAM_*`` environment defaults.
+    Every kvctl subcommand inherits them; ``connection(args)`` validates them."""
+
+    def env(name: str) -> str | None:
+        return os.environ.get(name) or None  # exported but empty = unset
+
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("KVSTREAM_SERVER", DEFAULT_SERVER),
+        help="host:port, or several comma-separated (env KVSTREAM_SERVER)",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    secret = parser.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--token",
+        default=env("KVSTREAM_TOKEN"),
+        help="bearer token for --auth-tokens servers (env KVSTREAM_TOKEN)",
+    )
+    secret.add_argument("--token-file", help="file holding the bearer token (surrounding whitespace ignored)")
+    parser.add_argument(
+        "--tls-ca",
+        default=env("KVSTREAM_CLIENT_TLS_CA"),
+        help="CA (PEM) to verify the server: enables TLS (env KVSTREAM_CLIENT_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=env("KVSTREAM_CLIENT_TLS_CERT"),
+        help="client certificate (PEM) for mutual TLS (env KVSTREAM_CLIENT_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=env("KVSTREAM_CLIENT_TLS_KEY"),
+        help="client private key (PEM) for --tls-cert (env KVSTREAM_CLIENT_TLS_KEY)",
+    )
 
 
 # ----- inputs -----------------------------------------------------------------------------------
@@ -388,17 +548,12 @@ def cmd_pin(args: argparse.Namespace, client: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument(
-        "--server",
-        default=os.environ.get("KVSTREAM_SERVER", DEFAULT_SERVER),
-        help="host:port, or several comma-separated (env KVSTREAM_SERVER)",
-    )
+    add_connection_args(common)
     common.add_argument("--namespace", help='namespace (default: "default"; stat: the whole store)')
     common.add_argument("--model", help="model id (salts the chunk keys)")
     common.add_argument("--revision", default="")
     common.add_argument("--chunk-tokens", type=int, default=256)
     common.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
-    common.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     tokens = _Parser(add_help=False)
@@ -458,18 +613,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("--chunk-tokens must be >= 1", EXIT_USAGE)
     import grpc
 
-    from client import KVCacheClient, KVStreamError
+    from client import KVStreamError
 
-    client = KVCacheClient(
-        args.server.split(","), namespace=args.namespace or "default", timeout=args.timeout
-    )
+    try:
+        args.connection = connection(args)
+    except UsageError as e:
+        return _fail(str(e), EXIT_USAGE)
+    client = args.connection.client()
     try:
         args.fn(args, client)
     except UsageError as e:
         return _fail(str(e), EXIT_USAGE)
     except KVStreamError as e:
         code = EXIT_USAGE if e.code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_SERVER
-        return _fail(f"{e.code.name.lower().replace('_', ' ')}: {e.message}", code)
+        hint = _hint(e.code, e.message, args.connection)
+        return _fail(f"{e.code.name.lower().replace('_', ' ')}: {e.message}{hint}", code)
     except LookupError as e:
         return _fail(str(e), EXIT_SERVER)
     except ValueError as e:  # input the client library rejected (e.g. a KV dtype / shape it cannot encode)
@@ -477,6 +635,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         client.close()
     return 0
+
+
+def _hint(code: grpc.StatusCode, message: str, conn: Connection) -> str:
+    """A suggestion to append to a server error that the connection settings may explain ("" if none)."""
+    import grpc
+
+    if code == grpc.StatusCode.UNAUTHENTICATED and conn.token is None:
+        return " (no token given: --token, --token-file or $KVSTREAM_TOKEN)"
+    if code != grpc.StatusCode.UNAVAILABLE or not ("Socket closed" in message or "andshake" in message):
+        return ""
+    # The TCP connection opened, then the peer hung up or the TLS handshake failed: most often the client's
+    # TLS settings do not match the server's.
+    if not conn.tls:
+        return " (is it a TLS server? then give --tls-ca)"
+    if conn.tls_cert is None:
+        return " (check --tls-ca; a mutual-TLS server also needs --tls-cert/--tls-key)"
+    return " (check --tls-ca, --tls-cert and --tls-key)"
 
 
 def _fail(message: str, code: int) -> int:
