@@ -26,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,8 +146,9 @@ def start_server(
         if maxmemory is not None:
             args += ["--maxmemory", str(maxmemory)]
         if cluster:
+            # no 5 s wait before a replica's first (diskless) full sync: start_cluster waits for it
             args += ["--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf"),
-                     "--cluster-node-timeout", "5000"]  # fmt: skip
+                     "--cluster-node-timeout", "5000", "--repl-diskless-sync-delay", "0"]  # fmt: skip
         args += list(extra_args)
         with open(workdir / "redis.log", "wb") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -202,6 +203,37 @@ def _cluster_ready(nodes: Sequence[RedisProcess], primaries: int) -> str | None:
     return None
 
 
+def _replicas_synced(nodes: Sequence[RedisProcess], replicas: int) -> str | None:
+    """None when every replica's link is up and its primary lists it ``state=online``."""
+    online: dict[int, set[int]] = {}  # primary port -> ports of its online replicas
+    links: list[tuple[int, int]] = []  # (replica port, primary port)
+    for n in nodes:
+        with contextlib.closing(n.client()) as c:
+            info = c.info("replication")
+        if info.get("role") == "master":
+            slaves = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            online[n.port] = {int(r["port"]) for r in slaves if r.get("state") == "online"}
+        elif info.get("master_link_status") != "up":
+            return f"replica port {n.port}: master_link_status {info.get('master_link_status')}"
+        else:
+            links.append((n.port, int(info["master_port"])))
+    if len(links) != len(online) * replicas:
+        return f"{len(links)} replicas with a link up, {len(online) * replicas} expected"
+    for replica, primary in links:
+        if replica not in online.get(primary, set()):
+            return f"replica port {replica}: not online at its primary (port {primary})"
+    return None
+
+
+def _wait_for(check: Callable[[], str | None], timeout: float, what: str) -> None:
+    """Poll ``check`` (None = done, else why not) every 50 ms; ``HarnessError`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while (why := check()) is not None:
+        if time.monotonic() > deadline:
+            raise HarnessError(f"{what} after {timeout:.0f} s: {why}")
+        time.sleep(0.05)
+
+
 def start_cluster(
     primaries: int = 3,
     replicas: int = 1,
@@ -209,9 +241,14 @@ def start_cluster(
     maxmemory: str | int | None = None,
     policy: str = "volatile-lru",
     timeout: float = 60.0,
+    sync_timeout: float = 30.0,
     seed: int | None = None,
 ) -> LocalCluster:
-    """Start ``primaries * (1 + replicas)`` nodes and join them with ``redis-cli --cluster create``."""
+    """Start ``primaries * (1 + replicas)`` nodes and join them with ``redis-cli --cluster create``.
+
+    Returns once every node reports ``cluster_state:ok`` and every replica has finished its initial sync
+    (link up, ``state=online`` at its primary), so killing a primary right away tests a real failover.
+    """
     cli = shutil.which("redis-cli")
     if cli is None:
         raise HarnessError("redis-cli not found on PATH (apt-get install redis-server)")
@@ -234,11 +271,8 @@ def start_cluster(
             raise HarnessError(
                 f"redis-cli --cluster create failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
             )
-        deadline = time.monotonic() + timeout
-        while (why := _cluster_ready(cluster.nodes, primaries)) is not None:
-            if time.monotonic() > deadline:
-                raise HarnessError(f"cluster not ready after {timeout:.0f} s: {why}")
-            time.sleep(0.1)
+        _wait_for(lambda: _cluster_ready(cluster.nodes, primaries), timeout, "cluster not ready")
+        _wait_for(lambda: _replicas_synced(cluster.nodes, replicas), sync_timeout, "replicas not in sync")
         return cluster
     except BaseException:
         cluster.stop()

@@ -327,14 +327,14 @@ async def test_partition_from_one_shard(cluster: LocalCluster) -> None:
                     assert verified_prefix(await kvs.fetch(ctx.model, ctx.ids, level=0), ctx) == ctx.tokens
 
                 deadline = 1.5
-                # (a) partitioned before the request: the lookup cannot finish, the deadline ends it.
+                # (a) partitioned before the request: the lookup gives up on the silent shard after the
+                # backend's node_timeout and serves the prefix before its first chunk, within the deadline.
                 link.set(delay_ms=3_600_000)
                 async with AsyncKVCacheClient(server.address, timeout=deadline) as kvs:
                     t0 = time.monotonic()
-                    with pytest.raises(KVStreamError) as err:
-                        await kvs.fetch(ctx.model, ctx.ids, level=0)
+                    res = await kvs.fetch(ctx.model, ctx.ids, level=0)
                     took = time.monotonic() - t0
-                assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert verified_prefix(res, ctx) == cut_at * CHUNK, (cut_at, res.prefix_tokens)
                 assert took < deadline + 0.5, took
                 link.set(delay_ms=0)
                 link.kill()  # heal: drop the connections holding black-holed bytes
