@@ -82,6 +82,11 @@ class Metrics:
         self.store_evictions = Gauge(
             "kvstream_store_evictions", "Evictions reported by the backend", registry=r
         )
+        self.store_partial_read_failures = Gauge(
+            "kvstream_store_partial_read_failures",
+            "Shard reads that failed or timed out and were served as misses (Redis Cluster)",
+            registry=r,
+        )
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> tuple[object, int]:
         """Expose ``/metrics`` on ``addr:port`` (0 = any free port) in a daemon thread.

@@ -928,6 +928,7 @@ class KVStreamServer:
             self.metrics.store_used_bytes.set(stats.used_bytes)
             self.metrics.store_keys.set(stats.keys)
             self.metrics.store_evictions.set(stats.evictions)
+            self.metrics.store_partial_read_failures.set(stats.partial_read_failures)
             status = health_pb2.HealthCheckResponse.SERVING
         except (BackendError, TimeoutError, OSError) as e:
             reason = str(e) or f"{type(e).__name__} (no answer within the probe timeout)"

@@ -150,5 +150,7 @@ async def test_killed_primary_prefix_then_full_after_failover(cluster: LocalClus
                     break
             assert time.monotonic() < deadline, "lookups did not recover after the failover"
             await asyncio.sleep(0.05)
+        # What the server exports as kvstream_store_partial_read_failures.
+        assert (await backend.stats()).partial_read_failures >= 1
     finally:
         await backend.close()

@@ -38,6 +38,7 @@ class BackendStats:
     capacity_bytes: int  # 0 = unknown / unbounded
     keys: int
     evictions: int
+    partial_read_failures: int = 0  # multi-key reads where one shard failed and its keys read as misses
 
 
 class StorageBackend(abc.ABC):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -28,7 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.exceptions import AskError, MovedError, RedisClusterException, TryAgainError
 
-from kvstore.backends.base import BackendError
+from kvstore.backends.base import BackendError, BackendStats
 from kvstore.backends.redis import RedisBackend, mapped_errors, parse_url_options
 
 log = logging.getLogger("kvstore.backends.cluster")
@@ -171,6 +172,10 @@ class ClusterBackend(RedisBackend):
         except Exception as e:  # any failure of this node, TimeoutError included; cancellation passes
             self._node_failed(client, node, e)
             return None
+
+    async def stats(self) -> BackendStats:
+        stats = await super().stats()
+        return dataclasses.replace(stats, partial_read_failures=sum(self.node_read_failures.values()))
 
     def _node_failed(self, client: RedisCluster, node: ClusterNode, exc: Exception) -> None:
         self.node_read_failures[node.name] += 1
