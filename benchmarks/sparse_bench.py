@@ -10,6 +10,9 @@
   correlation, a few massive sink keys, queries aimed at a few regions): device-resident bytes of each
   backend's state (our reference stores float32, so float tensors count 4 B/element), bytes fetched per
   step, cache hit rate, and the median decode-step latency against dense attention over all tokens.
+* Node-resident bytes per context token (``DecodeState.node_bytes()``) right after prefill, device and host,
+  in local mode (host copies of the offloaded rows) and remote-backed mode (``prefill(..., remote=...)``:
+  the kvstream service serves them; the node keeps only the resident parts).
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ from typing import Any
 import torch
 
 from client.model.llama2c import apply_rope
-from client.sparse import get_backend
+from client.sparse import SparseBackend, SparseIndex, get_backend
+from client.sparse.base import NodeBytes
 from client.sparse.pqcache import PQCacheBackend
+from client.sparse.service import ServiceChunkFetcher
 from client.sparse.shadowkv import ShadowKVBackend
 from kernels import ops
+from kvstore.keys import ModelKey
 
+# A remote-backed prefill reads nothing from the service (resident parts come from the node's own KV), so
+# its footprint is measured with a fetcher that is never contacted: no server needed, nothing decoded.
+UNCONTACTED = "127.0.0.1:9"
 LLAMA3_8B = {"layers": 32, "heads": 32, "kv_heads": 8, "head_dim": 128}
 BF16 = 2
 PUBLISHED_SHADOWKV_B_PER_TOKEN = 584
@@ -130,6 +139,18 @@ def analytic(tokens: int, budget_tokens: int, hit: dict[str, float]) -> dict[str
     }
 
 
+def remote_footprint(backend: SparseBackend, kv: torch.Tensor, index: SparseIndex) -> NodeBytes:
+    """Node bytes right after a remote-backed prefill of ``kv`` ``[layers, 2, T, Hkv, D]`` with ``index``
+    (rows served by a :class:`ServiceChunkFetcher`; its chunk cache is empty, bounded by ``cache_bytes``)."""
+    t = kv.shape[2]
+    mk = ModelKey("synthetic", dtype="float32", chunk_tokens=math.gcd(t, 256))
+    with ServiceChunkFetcher(UNCONTACTED, mk, [0] * t) as remote:
+        state = backend.prefill(kv, index=index, remote=remote)
+        nodes = state.node_bytes()
+        state.close()
+    return nodes
+
+
 def dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain dense GQA decode attention: q ``[H, D]``, k/v ``[Hkv, T, D]`` -> ``[H, D]``."""
     hkv, _, d = k.shape
@@ -167,6 +188,8 @@ def measure(tokens: int, budget: float, steps: int, device: torch.device, names:
         index = backend.build_index(kv, last_q)
         build_s = time.perf_counter() - t0
         state = backend.prefill(kv, index=index)
+        local = state.node_bytes()
+        remote = remote_footprint(backend, kv, index)
         times, dense_s, dense_k = [], [], []
         for i in range(steps):
             q = dec_q[i % 8].to(device)
@@ -189,6 +212,10 @@ def measure(tokens: int, budget: float, steps: int, device: torch.device, names:
             "index_bytes": index.nbytes,
             "resident_B_per_token_measured": backend.resident_bytes(state) / tokens,
             "host_bytes": state.store.nbytes,
+            "node_B_per_token": {
+                "local": {"device": local.device / tokens, "host": local.host / tokens},
+                "remote": {"device": remote.device / tokens, "host": remote.host / tokens},
+            },
             "fetched_B_per_step": state.stats.bytes_fetched / steps,
             "hit_rate": state.stats.hit_rate,
         }
@@ -233,6 +260,24 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['ratio_vs_dense_kernel']:.2f} | {r['index_build_s']:.1f} | "
             f"{r['resident_B_per_token_measured']:.0f} | {r['fetched_B_per_step']:.0f} | "
             f"{r['hit_rate']:.2f} |"
+        )
+    lines += [
+        "",
+        "Node-resident bytes per context token right after prefill (`DecodeState.node_bytes()`, float32 "
+        "reference), local mode vs remote-backed mode (offloaded rows served by the kvstream service; the "
+        "fetcher's chunk cache, bounded by its `cache_bytes`, comes on top):",
+        "",
+        "| backend | device B/token local | device B/token remote | host B/token local | "
+        "host B/token remote |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in report["measured"].items():
+        if name == "dense":
+            continue
+        nb = r["node_B_per_token"]
+        lines.append(
+            f"| {name} | {nb['local']['device']:.0f} | {nb['remote']['device']:.0f} | "
+            f"{nb['local']['host']:.0f} | {nb['remote']['host']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -281,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(a.markdown, "w") as f:
             f.write(markdown(report) + "\n")
     for name, r in measured.items():
+        nb = r.get("node_B_per_token", {})
         extra = (
             ""
             if name == "dense"
@@ -288,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                 f" ratio {r['ratio_vs_dense']:.2f} (same kernel {r['ratio_vs_dense_kernel']:.2f})"
                 f" build {r['index_build_s']:.1f}s resident "
                 f"{r['resident_B_per_token_measured']:.0f} B/tok "
-                f"fetched {r['fetched_B_per_step']:.0f} B/step hit {r['hit_rate']:.2f}"
+                f"fetched {r['fetched_B_per_step']:.0f} B/step hit {r['hit_rate']:.2f} host B/tok "
+                f"local {nb['local']['host']:.0f} remote {nb['remote']['host']:.0f}"
             )
         )
         print(f"{name:10s} step {r['median_step_s'] * 1e3:8.2f} ms{extra}")

@@ -41,11 +41,18 @@ def quantize_channels(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, tor
 
     Returns ``(int8 [N, C], scale [C], zero [C])`` with ``x ~ q * scale + zero``."""
     lo, hi = x.amin(0), x.amax(0)
-    levels = 2**bits - 1
-    scale = ((hi - lo) / levels).clamp(min=1e-12)
+    scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-12)
     zero = lo + (2 ** (bits - 1)) * scale  # stored values are centred on 0 to fit int8
-    q = torch.round((x - lo) / scale).clamp(0, levels) - 2 ** (bits - 1)
-    return q.to(torch.int8), scale, zero
+    return quantize_with(x, scale, zero, bits), scale, zero
+
+
+def quantize_with(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``x`` ``[..., C]`` float32 to int8 with given per-channel ``scale``/``zero`` ``[C]``.
+
+    Elementwise, so rows re-quantised later (remote mode: stored float rows fetched from the service) equal
+    the index's INT8 copy bit for bit."""
+    half = 2 ** (bits - 1)
+    return torch.round((x.float() - zero) / scale).clamp(-half, half - 1).to(torch.int8)
 
 
 @dataclass
@@ -135,7 +142,7 @@ class ALISABackend(SparseBackend):
         total = self.budget_tokens(t)
         k_local = min(total, round(total * self.local_ratio))
         kv_q = index.tensors["kv_q"][layer]
-        state.store.put(layer, "kv_q", kv_q[None])  # [1, T, Hkv*2D]: one selection shared by all heads
+        state.offload(layer, "kv_q", lambda: kv_q[None])  # [1, T, Hkv*2D]: one selection shared by all heads
         imp = index.layer("importance", layer, dev).float()
         obs = int(index.params["obs_steps"])
         return _Layer(

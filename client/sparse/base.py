@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, is_dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
@@ -67,6 +67,12 @@ class SparseIndex:
     def layer(self, name: str, layer: int, device: torch.device | str) -> torch.Tensor:
         """A compact copy of tensor ``name`` of one layer (``tensors[name][layer]``) on ``device``."""
         return resident(self.tensors[name][layer], device)
+
+    def subset(self, names: Iterable[str]) -> SparseIndex:
+        """The same index with only the tensors ``names`` (shared, not copied); params kept whole."""
+        keep = set(names)
+        tensors = {n: t for n, t in self.tensors.items() if n in keep}
+        return SparseIndex(self.backend, dict(self.params), tensors)
 
 
 def resident(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -127,9 +133,51 @@ class FetchStats:
         return self.units_hit / total if total else 0.0
 
 
+class RemoteRows(Protocol):
+    """A ``fetch`` (:data:`~client.sparse.prefetch.FetchFn`) that serves some of a backend's offloaded tensors
+    from outside the node (the kvstream service) and the rest from the node's host store."""
+
+    def __call__(self, layer: int, name: str, rows: torch.Tensor) -> torch.Tensor: ...
+
+    def serves(self, name: str) -> bool:
+        """Whether rows of offloaded tensor ``name`` come from outside the node (never from its store)."""
+        ...
+
+    @property
+    def index_tensors(self) -> frozenset[str]:
+        """Index tensors this fetch reads (e.g. ClusterKV's ``order``): the state keeps them."""
+        ...
+
+    @property
+    def cached_bytes(self) -> int:
+        """Host bytes its own cache holds now (bounded; may be shared by every state it serves)."""
+        ...
+
+
+class RowSource(Protocol):
+    """Where a remote-backed state reads its offloaded rows, e.g.
+    :class:`~client.sparse.service.ServiceChunkFetcher` of the context being decoded."""
+
+    def for_backend(self, index: SparseIndex, local: FetchFn | None = None) -> RemoteRows:
+        """A fetch for a backend decoding with ``index``; rows it does not serve come from ``local``."""
+        ...
+
+
+class NodeBytes(NamedTuple):
+    """Bytes a decode state holds on the inference node, by role (see :meth:`DecodeState.node_bytes`)."""
+
+    device: int  # resident parts on the compute device (per-layer state + generated tokens)
+    host: int  # host store + index tensors the state references, not already counted as device
+    fetch_cache: int  # the remote fetcher's chunk cache (0 in local mode; bounded, may be shared)
+
+
 @dataclass
 class DecodeState:
-    """Per-sequence decode state of a backend (all layers)."""
+    """Per-sequence decode state of a backend (all layers).
+
+    ``remote`` is set in the remote-backed mode (``prefill(..., remote=...)``): the offloaded tensors it
+    serves are not in ``store`` and every read of them goes through ``fetch`` (= ``remote``).
+    """
 
     context_len: int
     n_layers: int
@@ -144,6 +192,31 @@ class DecodeState:
     prefetcher: Prefetcher
     last_selection: list[torch.Tensor | None]
     stats: FetchStats = field(default_factory=FetchStats)
+    remote: RemoteRows | None = None
+
+    def offload(self, layer: int, name: str, rows: Callable[[], torch.Tensor]) -> None:
+        """Offload tensor ``name`` ``[S, N, ...]`` of ``layer``: into the host store, or nowhere when
+        :attr:`remote` serves it (``rows`` is then never called, so the host copy is never even built)."""
+        if self.remote is not None and self.remote.serves(name):
+            return
+        self.store.put(layer, name, rows())
+
+    def node_bytes(self) -> NodeBytes:
+        """Node-resident bytes of this state (each storage counted once, by the role it plays).
+
+        ``device``: per-layer resident data (index parts, exact K/V, caches) and generated tokens, i.e.
+        what sits in GPU memory on CUDA (on CPU the same tensors, by role). ``host``: the host store and the
+        index tensors the state still references. ``fetch_cache``: the remote fetcher's chunk cache.
+        In-flight fetches are not counted.
+        """
+        device: dict[int, int] = {}
+        host: dict[int, int] = {}
+        for path, t in state_tensors(self):
+            role = device if path.startswith(("layers", "generated")) else host
+            role[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        host_only = sum(n for ptr, n in host.items() if ptr not in device)
+        cache = self.remote.cached_bytes if self.remote is not None else 0
+        return NodeBytes(sum(device.values()), host_only, cache)
 
     def fetch_async(self, layer: int, name: str, rows: torch.Tensor) -> Ticket:
         """Fetch ``rows`` ``[S, n]`` (``-1`` padding) of offloaded ``(layer, name)`` on the prefetcher."""
@@ -159,6 +232,31 @@ class DecodeState:
 
     def close(self) -> None:
         self.prefetcher.close()
+
+
+def state_tensors(state: DecodeState) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor ``state`` holds, with its path: ``layers[i].<field>...``, ``generated[i]._k``,
+    ``store[i].<name>``, ``index.<name>``. Walks only our own containers (lists, tuples, deques, dataclasses,
+    :class:`SelectionCache`, :class:`TokenBuffer`), never tickets, thread pools or futures."""
+
+    def walk(path: str, obj: object) -> Iterator[tuple[str, torch.Tensor]]:
+        if isinstance(obj, torch.Tensor):
+            yield path, obj
+        elif isinstance(obj, list | tuple | deque):
+            for i, x in enumerate(obj):
+                yield from walk(f"{path}[{i}]", x)
+        elif isinstance(obj, SelectionCache | TokenBuffer) or (
+            is_dataclass(obj) and not isinstance(obj, type)
+        ):
+            for name, x in vars(obj).items():
+                yield from walk(f"{path}.{name}", x)
+
+    yield from walk("layers", state.layers)
+    yield from walk("generated", state.generated)
+    for (layer, name), t in state.store.items():
+        yield f"store[{layer}].{name}", t
+    for name, t in state.index.tensors.items():
+        yield f"index.{name}", t
 
 
 def gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -317,19 +415,31 @@ class SparseBackend(ABC):
         index: SparseIndex | None = None,
         queries: torch.Tensor | None = None,
         fetch: FetchFn | None = None,
+        remote: RowSource | None = None,
     ) -> DecodeState:
-        """Set up decoding after a prefill of ``kv`` ``[layers, 2, T, kv_heads, head_dim]``.
+        """Set up decoding after a prefill of ``kv`` ``[layers, 2, T, kv_heads, head_dim]`` (float).
 
         ``index`` may come precomputed (a service sidecar); if ``None`` it is built here (``queries`` as in
         :meth:`build_index`). ``fetch`` replaces the default read of offloaded data from host memory.
+
+        ``remote`` (e.g. the :class:`~client.sparse.service.ServiceChunkFetcher` of this context) selects
+        the **remote-backed mode**: the offloaded tensors it serves are neither built nor kept on the node
+        and every decode-time read of them goes through it; the state keeps the resident parts, the host
+        data it does not serve and, of the index, its params and the tensors the remote reads. In both modes
+        the returned state holds no reference to ``kv``: the caller may drop it.
         """
         if kv.dim() != 5 or kv.shape[1] != 2:
             raise ValueError(f"kv must be [layers, 2, T, kv_heads, head_dim], got {tuple(kv.shape)}")
+        if fetch is not None and remote is not None:
+            raise ValueError("give fetch or remote, not both (remote builds the fetch)")
         if index is None:
             index = self.build_index(kv, queries)
         self.check_index(index, kv)
         n_layers, _, t, n_kv, d = kv.shape
         store = HostStore(pin=self.device.type == "cuda")
+        rows = remote.for_backend(index, local=store.fetch) if remote is not None else None
+        if fetch is None:
+            fetch = rows if rows is not None else store.fetch
         state = DecodeState(
             context_len=t,
             n_layers=n_layers,
@@ -340,20 +450,23 @@ class SparseBackend(ABC):
             layers=[],
             generated=[TokenBuffer(n_kv, d, self.device, torch.float32) for _ in range(n_layers)],
             store=store,
-            fetch=fetch if fetch is not None else store.fetch,
+            fetch=fetch,
             prefetcher=Prefetcher(self.device, self.prefetch_workers),
             last_selection=[None] * n_layers,
+            remote=rows,
         )
         for layer in range(n_layers):
             state.layers.append(self._prefill_layer(state, layer, kv[layer].float(), index))
         for g in state.generated:
             g.first_pos = t
+        if rows is not None:  # the offloaded index tensors (ALISA's INT8 copy) are served: let them go
+            state.index = index.subset(rows.index_tensors)
         return state
 
     @abstractmethod
     def _prefill_layer(self, state: DecodeState, layer: int, kv: torch.Tensor, index: SparseIndex) -> Any:
-        """Per-layer state from ``kv`` ``[2, T, kv_heads, head_dim]``: resident tensors to the device,
-        offloaded ones into ``state.store``."""
+        """Per-layer state from ``kv`` ``[2, T, kv_heads, head_dim]``: resident tensors to the device (compact
+        copies, never views of ``kv``), offloaded ones through :meth:`DecodeState.offload`."""
 
     @abstractmethod
     def _context(self, state: DecodeState, layer: int, q: torch.Tensor) -> Context:
@@ -399,27 +512,14 @@ class SparseBackend(ABC):
 
     def resident_bytes(self, state: DecodeState) -> int:
         """Bytes of this state's per-layer data on the compute device (resident index parts, K/V, caches),
-        all layers; generated tokens, host memory and in-flight fetches are not counted."""
-        seen: set[int] = set()
-        total = 0
-
-        def walk(obj: object) -> None:
-            nonlocal total
-            if isinstance(obj, torch.Tensor):
-                key = obj.untyped_storage().data_ptr()
-                if key not in seen:
-                    seen.add(key)
-                    total += obj.untyped_storage().nbytes()
-            elif isinstance(obj, list | tuple | deque):
-                for x in obj:
-                    walk(x)
-            elif isinstance(obj, SelectionCache) or is_dataclass(obj):
-                # only our own containers: never wander into tickets, thread pools or futures
-                for x in vars(obj).values():
-                    walk(x)
-
-        walk(state.layers)
-        return total
+        all layers; generated tokens, host memory and in-flight fetches are not counted
+        (:meth:`DecodeState.node_bytes` counts all of them by role)."""
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for path, t in state_tensors(state)
+            if path.startswith("layers")
+        }
+        return sum(storages.values())
 
 
 _REGISTRY: dict[str, type[SparseBackend]] = {}

@@ -124,7 +124,7 @@ class ClusterKVBackend(SparseBackend):
         order = index.tensors["order"][layer].long()
         heads = torch.arange(state.n_kv_heads)[:, None]
         k_heads, v_heads = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [Hkv, T, D]
-        state.store.put(layer, "kv", torch.cat([k_heads[heads, order], v_heads[heads, order]], -1))
+        state.offload(layer, "kv", lambda: torch.cat([k_heads[heads, order], v_heads[heads, order]], -1))
         return _Layer(
             centroids=index.layer("centroids", layer, dev),
             order=resident(order, dev),
@@ -145,9 +145,8 @@ class ClusterKVBackend(SparseBackend):
         st.centroids = torch.cat([st.centroids, cents.to(st.centroids.dtype)], 1)
         st.offsets = torch.cat([st.offsets, offsets[:, 1:] + n_old], 1)
         st.order = torch.cat([st.order, order + first], 1)
-        old = state.store.get(layer, "kv")
-        new = torch.cat([k[heads, order], v[heads, order]], -1).cpu()
-        state.store.put(layer, "kv", torch.cat([old, new], 1))
+        # rows n_old.. of "kv" (cluster order); in remote mode the node holds only these absorbed rows
+        state.store.append(layer, "kv", torch.cat([k[heads, order], v[heads, order]], -1), first_row=n_old)
 
     def _context(self, state: DecodeState, layer: int, q: torch.Tensor) -> Context:
         st: _Layer = state.layers[layer]

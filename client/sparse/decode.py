@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from client.model.llama2c import Llama2c, apply_rope
-from client.sparse.base import DecodeState, SparseBackend, SparseIndex, TokenBuffer
+from client.sparse.base import DecodeState, RowSource, SparseBackend, SparseIndex, TokenBuffer
 from kernels import ops
 
 _WEIGHTS = ("tok_emb", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final", "w_cls")
@@ -34,13 +34,19 @@ class SparseDecoder:
         self._w = {n: cast(torch.Tensor, getattr(model, n)) for n in _WEIGHTS}
 
     @torch.no_grad()
-    def prefill(self, ids: list[int] | torch.Tensor, index: SparseIndex | None = None) -> torch.Tensor:
-        """Dense prefill of ``ids`` ``[T]``; returns the last position's logits ``[vocab]`` float32."""
+    def prefill(
+        self, ids: list[int] | torch.Tensor, index: SparseIndex | None = None, remote: RowSource | None = None
+    ) -> torch.Tensor:
+        """Dense prefill of ``ids`` ``[T]``; returns the last position's logits ``[vocab]`` float32.
+
+        ``remote`` (the context's :class:`~client.sparse.service.ServiceChunkFetcher`) selects the backend's
+        remote-backed mode (see :meth:`SparseBackend.prefill`); the prefill's dense KV is released here,
+        except the ``dense_layers``' own copies."""
         res = self.model.forward(ids, return_queries=True)
         assert res.queries is not None
         if self.state is not None:
             self.state.close()
-        self.state = self.backend.prefill(res.kv, index=index, queries=res.queries)
+        self.state = self.backend.prefill(res.kv, index=index, queries=res.queries, remote=remote)
         cfg = self.model.config
         self._dense = {}
         for layer in self.dense_layers:

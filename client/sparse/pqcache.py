@@ -119,11 +119,10 @@ class PQCacheBackend(SparseBackend):
     def _prefill_layer(self, state: DecodeState, layer: int, kv: torch.Tensor, index: SparseIndex) -> Any:
         t, n_kv, d, dev = state.context_len, state.n_kv_heads, state.head_dim, self.device
         sink, local, topk = self.regions(t)
-        kv_heads = torch.cat([kv[0], kv[1]], -1).transpose(0, 1).contiguous()  # [Hkv, T, 2D]
-        state.store.put(layer, "kv", kv_heads)
+        state.offload(layer, "kv", lambda: torch.cat([kv[0], kv[1]], -1).transpose(0, 1))  # [Hkv, T, 2D]
         codes = index.tensors["codes"][layer, :, sink : t - local]
         if self.prefetch_codes:
-            state.store.put(layer, "codes", codes)
+            state.offload(layer, "codes", lambda: codes)
         fixed = torch.cat([torch.arange(sink), torch.arange(t - local, t)])
         n_blocks = -(-t // self.block)
         slots = min(n_blocks, max(1, self.cache_tokens // self.block))
@@ -134,7 +133,7 @@ class PQCacheBackend(SparseBackend):
             mid_end=t - local,
             n_topk=topk,
             fixed_tokens=resident(fixed.expand(n_kv, -1), dev),
-            fixed_kv=resident(kv_heads[:, fixed], dev),
+            fixed_kv=resident(torch.cat([kv[0, fixed], kv[1, fixed]], -1).transpose(0, 1), dev),
             slot_of_block=torch.full((n_blocks,), -1, dtype=torch.long, device=dev),
             freq=torch.zeros(n_blocks, device=dev),
             cache=torch.zeros(slots, n_kv, self.block, 2 * d, device=dev),

@@ -26,23 +26,51 @@ host (CPU; pinned when the consumer is on CUDA)."""
 
 
 class HostStore:
-    """Offloaded per-layer tensors ``[S, N, ...]`` (S = heads) in host memory, pinned for CUDA consumers."""
+    """Offloaded per-layer tensors ``[S, N, ...]`` (S = heads) in host memory, pinned for CUDA consumers.
+
+    An entry may hold only rows ``first_row ..`` of its tensor: in the remote-backed mode the rows backed by
+    the stored context are served by the kvstream service, and only rows the node made itself (ClusterKV's
+    absorbed generated tokens) live here.
+    """
 
     def __init__(self, pin: bool = False) -> None:
         self.pin = pin
         self._data: dict[tuple[int, str], torch.Tensor] = {}
+        self._first: dict[tuple[int, str], int] = {}
 
-    def put(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+    def put(self, layer: int, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """Hold ``tensor`` ``[S, n, ...]`` as rows ``first_row .. first_row + n`` of ``(layer, name)``."""
         t = tensor.detach().to("cpu").contiguous()
         self._data[(layer, name)] = t.pin_memory() if self.pin else t
+        self._first[(layer, name)] = first_row
+
+    def append(self, layer: int, name: str, tensor: torch.Tensor, first_row: int) -> None:
+        """Add rows ``tensor`` ``[S, n, ...]`` as rows ``first_row ..`` of ``(layer, name)``, right after the
+        rows held (or as the first rows held: earlier ones are served elsewhere)."""
+        key = (layer, name)
+        if key not in self._data:
+            self.put(layer, name, tensor, first_row)
+            return
+        end = self._first[key] + self._data[key].shape[1]
+        if first_row != end:
+            raise ValueError(f"{key}: rows {first_row}.. do not follow the held rows (which end at {end})")
+        self.put(layer, name, torch.cat([self._data[key], tensor.detach().to("cpu")], 1), self._first[key])
 
     def get(self, layer: int, name: str) -> torch.Tensor:
+        """The held rows of ``(layer, name)`` (from :meth:`first_row` on)."""
         return self._data[(layer, name)]
 
+    def first_row(self, layer: int, name: str) -> int:
+        return self._first[(layer, name)]
+
+    def items(self) -> list[tuple[tuple[int, str], torch.Tensor]]:
+        """``((layer, name), held rows)`` of every entry."""
+        return list(self._data.items())
+
     def fetch(self, layer: int, name: str, rows: torch.Tensor) -> torch.Tensor:
-        """Gather ``rows`` ``[S, n]`` (int64, ``-1`` padding read as row 0) of ``(layer, name)``."""
+        """Gather ``rows`` ``[S, n]`` of ``(layer, name)`` (int64; ``-1`` = padding, reads the first row)."""
         src = self._data[(layer, name)]
-        r = rows.to("cpu").clamp(min=0)
+        r = (rows.to("cpu") - self._first[(layer, name)]).clamp(min=0)
         out = src[torch.arange(r.shape[0])[:, None], r]  # row gather (much faster than torch.gather on CPU)
         return out.pin_memory() if self.pin else out
 

@@ -30,6 +30,7 @@ import torch
 
 import codec
 from client.api import AsyncKVCacheClient, KVStreamError, StoreResult, _BlobAssembler
+from client.sparse.alisa import quantize_with
 from client.sparse.base import DecodeState, SparseIndex, get_backend
 from client.sparse.prefetch import FetchFn
 from kvstore.keys import ModelKey, token_array
@@ -263,11 +264,20 @@ class RowLayout:
     Row ``r`` of head ``s`` is ``unit`` consecutive tokens ``r * unit + j`` (or, with ``order``
     ``[layers, kv_heads, N]``, token ``order[layer, s, r]``), each contributing the ``parts`` (0 = keys,
     1 = values) concatenated along the last dim: a row is ``unit * len(parts) * head_dim`` floats.
+    With ``heads > 0`` the tensor is ``[1, N, heads * unit * len(parts) * head_dim]``: one row holds every
+    KV head (ALISA's selection shared by all heads). With ``quant`` = ``(scale, zero)`` ``[layers, C]``
+    the rows are re-quantised to int8 exactly like the index's copy
+    (:func:`client.sparse.alisa.quantize_with`).
+    ``uses`` names the index tensors the layout reads (a remote-backed state keeps them).
     """
 
     parts: tuple[int, ...]
     unit: int = 1
     order: torch.Tensor | None = None
+    heads: int = 0
+    quant: tuple[torch.Tensor, torch.Tensor] | None = None
+    bits: int = 8
+    uses: tuple[str, ...] = ()
 
     def n_rows(self, layer: int, n_tokens: int) -> int:
         """Rows backed by the stored context (later rows, e.g. ClusterKV's absorbed generated tokens,
@@ -285,27 +295,49 @@ class RowLayout:
             tok = r[:, :, None] * self.unit + torch.arange(self.unit)
         return torch.where(ok[:, :, None], tok, -1)
 
+    def read(self, fetcher: ServiceChunkFetcher, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` ``[S, n]`` of ``layer`` from the service: ``[S, n, row]`` (float32, or int8 with
+        ``quant``); padding and node-only rows come back with arbitrary content."""
+        tok = self.tokens(layer, rows, fetcher.n_tokens)
+        if self.heads:
+            tok = tok.expand(self.heads, -1, -1)  # the shared row's tokens, for every head
+        out = fetcher.gather(layer, tok, self.parts)
+        if self.heads:
+            out = out.transpose(0, 1).reshape(1, out.shape[1], -1)  # per token: heads side by side
+        if self.quant is not None:
+            scale, zero = self.quant
+            out = quantize_with(out, scale[layer], zero[layer], self.bits)
+        return out
+
 
 def row_layouts(index: SparseIndex) -> dict[str, RowLayout]:
-    """The offloaded tensors of ``index.backend`` that are plain stored KV, by ``fetch`` name.
+    """The offloaded tensors of ``index.backend`` that the stored KV can serve, by ``fetch`` name.
 
     Mirrors the backends' ``_prefill_layer`` host layouts (ShadowKV ``v``: values of ``chunk``-token
-    chunks; PQCache ``kv``: K|V per token; ClusterKV ``kv``: K|V in cluster order); tests compare them
-    with the host store bit for bit. Not listed (served by the node's own store): PQCache ``codes`` and
-    ALISA's ``kv_q`` (index data, not stored KV).
+    chunks; PQCache ``kv``: K|V per token; ClusterKV ``kv``: K|V in cluster order; ALISA ``kv_q``: K|V of
+    every head per token, re-quantised with the index's ``scale``/``zero``); tests compare them with the host
+    store bit for bit. Not listed (served by the node's own store): PQCache's prefetched ``codes`` (index
+    data) and ClusterKV's absorbed generated tokens (rows past the stored context).
     """
     if index.backend == "shadowkv":
         return {"v": RowLayout((1,), unit=int(index.params["chunk"]))}
     if index.backend == "pqcache":
         return {"kv": RowLayout((0, 1))}
     if index.backend == "clusterkv":
-        return {"kv": RowLayout((0, 1), order=index.tensors["order"])}
+        return {"kv": RowLayout((0, 1), order=index.tensors["order"], uses=("order",))}
+    if index.backend == "alisa":
+        heads, bits = int(index.params["kv_heads"]), int(index.params["kv_bits"])
+        if bits == 32:  # kv_bits=None: the index keeps float32 K/V, exactly the stored rows
+            return {"kv_q": RowLayout((0, 1), heads=heads)}
+        quant = (index.tensors["scale"], index.tensors["zero"])
+        return {"kv_q": RowLayout((0, 1), heads=heads, quant=quant, bits=bits, uses=("scale", "zero"))}
     return {}
 
 
 class RemoteFetch:
     """A backend's ``fetch(layer, name, rows)`` (see :data:`~client.sparse.prefetch.FetchFn`) that reads
-    stored KV through a :class:`ServiceChunkFetcher` and everything else through ``local``."""
+    stored KV through a :class:`ServiceChunkFetcher` and everything else through ``local``
+    (a :class:`~client.sparse.base.RemoteRows`)."""
 
     def __init__(
         self, fetcher: ServiceChunkFetcher, layouts: Mapping[str, RowLayout], local: FetchFn | None = None
@@ -313,6 +345,18 @@ class RemoteFetch:
         self.fetcher = fetcher
         self.layouts = dict(layouts)
         self.local = local
+
+    def serves(self, name: str) -> bool:
+        """Whether rows of ``name`` (within the stored context) come from the service."""
+        return name in self.layouts
+
+    @property
+    def index_tensors(self) -> frozenset[str]:
+        return frozenset(n for layout in self.layouts.values() for n in layout.uses)
+
+    @property
+    def cached_bytes(self) -> int:
+        return self.fetcher.cached_bytes
 
     def _local(self, layer: int, name: str, rows: torch.Tensor) -> torch.Tensor:
         if self.local is None:
@@ -323,9 +367,8 @@ class RemoteFetch:
         layout = self.layouts.get(name)
         if layout is None:
             return self._local(layer, name, rows)
-        n_tokens = self.fetcher.n_tokens
-        out = self.fetcher.gather(layer, layout.tokens(layer, rows, n_tokens), layout.parts)
-        node_only = rows.to("cpu") >= layout.n_rows(layer, n_tokens)
+        out = layout.read(self.fetcher, layer, rows)
+        node_only = rows.to("cpu") >= layout.n_rows(layer, self.fetcher.n_tokens)
         if bool(node_only.any()):
             there = self._local(layer, name, torch.where(node_only, rows.to("cpu"), -1))
             out = torch.where(node_only[:, :, None], there.to(out.dtype), out)
@@ -517,16 +560,27 @@ class ServiceChunkFetcher:
 
     # -- backends ----------------------------------------------------------------------------------------
 
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of decoded chunks held by the LRU now (at most ``cache_bytes`` after each insert)."""
+        with self._lock:
+            return self._cached_bytes
+
     def for_backend(self, index: SparseIndex, local: FetchFn | None = None) -> RemoteFetch:
         """A ``fetch`` for a backend decoding with ``index``: stored-KV tensors (:func:`row_layouts`) come
-        from the service, the rest from ``local`` (e.g. ``state.store.fetch``)."""
+        from the service, the rest from ``local`` (e.g. ``state.store.fetch``). Pass this fetcher as
+        ``backend.prefill(..., remote=fetcher)`` for the remote-backed mode (no host copies on the node)."""
+        tokens = index.params.get("tokens")
+        if tokens != self.n_tokens:
+            raise ValueError(f"index of {tokens} tokens, the fetcher's stored context has {self.n_tokens}")
         return RemoteFetch(self, row_layouts(index), local)
 
     def attach(self, state: DecodeState) -> RemoteFetch:
         """Make a prefilled decode state (``backend.prefill`` or ``SparseDecoder.state``) read its offloaded
-        KV from the service from now on; non-KV data still comes from its host store."""
+        KV from the service from now on; non-KV data still comes from its host store. The host copies stay
+        (local mode); ``prefill(..., remote=fetcher)`` does not make them."""
         fetch = self.for_backend(state.index, local=state.store.fetch)
-        state.fetch = fetch
+        state.fetch = state.remote = fetch
         return fetch
 
     def close(self) -> None:

@@ -168,7 +168,8 @@ class ShadowKVBackend(SparseBackend):
         static = torch.cat([out_tokens, local], 1)
         k_heads, v_heads = kv[0].transpose(0, 1), kv[1].transpose(0, 1)  # [Hkv, T, D]
         n_chunks = t // c
-        state.store.put(layer, "v", v_heads[:, : n_chunks * c].reshape(n_kv, n_chunks, c * state.head_dim))
+        v_rows = n_chunks * c
+        state.offload(layer, "v", lambda: v_heads[:, :v_rows].reshape(n_kv, n_chunks, c * state.head_dim))
         return _Layer(
             u=index.layer("u", layer, dev),
             sv=index.layer("sv", layer, dev),
