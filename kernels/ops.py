@@ -8,6 +8,8 @@ implementation in ``kernels/<kernel>_triton.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kernels import centroid_scores as _cs
@@ -44,13 +46,14 @@ def sparse_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    idx: torch.Tensor,
+    idx: torch.Tensor | None,
     scale: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over selected positions: q ``[H, D]``, k/v ``[Hkv, N, D]`` (float, or int8 with
-    ``k_scale``/``v_scale`` ``[Hkv, D]``), idx ``[Hkv, K]`` int64 (-1 = padding) -> ``[H, D]`` in ``q.dtype``.
+    ``k_scale``/``v_scale`` ``[Hkv, D]``), idx ``[Hkv, K]`` int64 (-1 = padding; ``None`` = every position,
+    in place) -> ``[H, D]`` in ``q.dtype``.
 
     See :func:`kernels.sparse_attention.sparse_decode_attention` for the full contract.
     """
@@ -60,6 +63,23 @@ def sparse_decode_attention(
     else:
         fn = _sa.sparse_decode_attention
     out: torch.Tensor = fn(q, k, v, idx, scale, k_scale, v_scale)
+    return out
+
+
+def decode_attention_parts(
+    q: torch.Tensor,
+    k_parts: Sequence[torch.Tensor],
+    v_parts: Sequence[torch.Tensor],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention over K/V in parts ``[Hkv, N_i, D]`` as if concatenated along the tokens: q ``[H, D]``
+    -> ``[H, D]`` in ``q.dtype``. See :func:`kernels.sparse_attention.decode_attention_parts`."""
+    _sa.check_parts(q, k_parts, v_parts)
+    if choose_backend(q, *k_parts, *v_parts) == "triton":
+        fn = triton_module("sparse_attention_triton").decode_attention_parts
+    else:
+        fn = _sa.decode_attention_parts
+    out: torch.Tensor = fn(q, k_parts, v_parts, scale)
     return out
 
 

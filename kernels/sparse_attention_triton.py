@@ -10,6 +10,8 @@ program per query head, merges the splits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -123,7 +125,7 @@ def sparse_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    idx: torch.Tensor,
+    idx: torch.Tensor | None,
     scale: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
@@ -131,6 +133,8 @@ def sparse_decode_attention(
     """Triton twin of :func:`kernels.sparse_attention.sparse_decode_attention` (same contract)."""
     n_heads, d = q.shape
     n_kv, _, _ = k.shape
+    if idx is None:  # every position: a broadcast arange (stride 0 over heads), nothing copied
+        idx = torch.arange(k.shape[1], device=k.device).expand(n_kv, -1)
     n_idx = idx.shape[1]
     group = gqa_group(n_heads, n_kv)
     out = torch.empty_like(q)
@@ -172,3 +176,17 @@ def sparse_decode_attention(
     return out
 
 
+
+
+def decode_attention_parts(
+    q: torch.Tensor,
+    k_parts: Sequence[torch.Tensor],
+    v_parts: Sequence[torch.Tensor],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Triton path of :func:`kernels.sparse_attention.decode_attention_parts` (same contract): the parts
+    are joined on the device (a copy at device bandwidth) and run through the split-K kernel above with
+    every position selected."""
+    k = torch.cat(list(k_parts), 1)
+    v = torch.cat(list(v_parts), 1)
+    return sparse_decode_attention(q, k, v, None, scale)

@@ -89,11 +89,13 @@ def real() -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- sparse decode attention
 
 
-def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _dense_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     group = q.shape[0] // k.shape[0]
     kk = k.float().repeat_interleave(group, 0)
     vv = v.float().repeat_interleave(group, 0)
-    return F.scaled_dot_product_attention(q.float()[:, None], kk, vv)[:, 0]
+    return F.scaled_dot_product_attention(q.float()[:, None], kk, vv, scale=scale)[:, 0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -193,6 +195,38 @@ def test_sparse_attention_triton_edge_cases() -> None:
         sa_twin.sparse_decode_attention(q, kt, v, idx, 0.2),
         torch.float32,
     )
+
+
+@pytest.mark.parametrize(("n_heads", "n_kv", "d"), [(4, 4, 64), (8, 2, 128), (8, 1, 64)])
+def test_decode_attention_parts_equals_attention_over_the_concatenation(
+    n_heads: int, n_kv: int, d: int
+) -> None:
+    g = _gen(6)
+    q = torch.randn(n_heads, d, generator=g)
+    sizes = [3, 0, 70, 1]  # an empty part, odd lengths
+    kv = [torch.randn(2, n_kv, n, d, generator=g) for n in sizes]
+    wide = torch.randn(n_kv, 5, 2 * d, generator=g)  # strided parts, as ClusterKV's [K | V] rows give them
+    k_parts = [x[0] for x in kv] + [wide[..., :d]]
+    v_parts = [x[1] for x in kv] + [wide[..., d:]]
+    k, v = torch.cat(k_parts, 1), torch.cat(v_parts, 1)
+    out = sa_twin.decode_attention_parts(q, k_parts, v_parts, scale=0.2)
+    concat = sa_twin.sparse_decode_attention(q, k, v, None, scale=0.2)
+    torch.testing.assert_close(out, concat, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, _dense_sdpa(q, k, v, scale=0.2), atol=2e-5, rtol=2e-5)
+    # idx=None is "every position, in place": the same as the full index.
+    full = torch.arange(k.shape[1]).expand(n_kv, -1)
+    every = sa_twin.sparse_decode_attention(q, k, v, None)
+    assert torch.equal(every, sa_twin.sparse_decode_attention(q, k, v, full))
+    tr = _triton("sparse_attention")
+    _close(tr.decode_attention_parts(q, k_parts, v_parts, 0.2), out, torch.float32)
+    _close(tr.sparse_decode_attention(q, k, v, None), every, torch.float32)
+    # Nothing to attend: zeros; mismatched parts: a clear error.
+    empty = [torch.zeros(n_kv, 0, d)]
+    assert torch.equal(ops.decode_attention_parts(q, empty, empty), torch.zeros(n_heads, d))
+    with pytest.raises(ValueError, match="part 0"):
+        ops.decode_attention_parts(q, [k], [v[:, :-1]])
+    with pytest.raises(ValueError, match="as many"):
+        ops.decode_attention_parts(q, [k], [])
 
 
 def test_sparse_attention_real_model(real: dict[str, torch.Tensor]) -> None:

@@ -193,14 +193,15 @@ class ALISABackend(SparseBackend):
             tokens = torch.cat([st.cache.ids[0], tokens])
             kv = torch.cat([glob[0, :, 0], kv])
         deq = (kv.float() * st.scale + st.zero).view(-1, n_kv, 2, d).permute(2, 1, 0, 3)  # [2, Hkv, K, D]
-        return Context(tokens.expand(n_kv, -1), deq[0], deq[1])
+        return Context(tokens.expand(n_kv, -1), (deq[0],), (deq[1],))
 
     def _observe(
-        self, state: DecodeState, layer: int, q: torch.Tensor, k: torch.Tensor, ctx: Context
+        self, state: DecodeState, layer: int, q: torch.Tensor, k_parts: tuple[torch.Tensor, ...], ctx: Context
     ) -> None:
         st: _Layer = state.layers[layer]
-        n_kv, d = k.shape[0], k.shape[2]
-        logits = torch.einsum("hgd,hnd->hgn", q.view(n_kv, -1, d), k) / math.sqrt(d)
+        n_kv, d = k_parts[0].shape[0], k_parts[0].shape[2]
+        qg = q.view(n_kv, -1, d)
+        logits = torch.cat([torch.einsum("hgd,hnd->hgn", qg, k) for k in k_parts], -1) / math.sqrt(d)
         weights = torch.softmax(logits, dim=-1).sum((0, 1))[: ctx.tokens.shape[1]]  # context part, all heads
         row = (ctx.tokens[0], weights)
         st.importance.index_add_(0, row[0], row[1])

@@ -269,13 +269,15 @@ def gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class Context(NamedTuple):
     """The context part attended at one step: token ids and their (possibly approximated) K/V.
 
-    ``tokens`` ``[S, K]`` int64 absolute positions; ``k``/``v`` ``[S, K, head_dim]`` float, row-aligned with
-    ``tokens``; ``S`` is the number of selection heads (KV heads or query heads).
+    ``tokens`` ``[S, K]`` int64 absolute positions; ``k``/``v`` are *parts* ``[S, K_i, head_dim]`` float
+    whose concatenation along axis 1 is row-aligned with ``tokens`` (e.g. resident sink/static rows, then
+    the selected ones); ``S`` is the number of selection heads (KV heads or query heads). Parts, because
+    ``decode_step`` appends the generated tokens anyway: one concatenation instead of two copies.
     """
 
     tokens: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    k: tuple[torch.Tensor, ...]
+    v: tuple[torch.Tensor, ...]
 
 
 def _members(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -316,7 +318,9 @@ class SelectionCache:
         s, n = new_ids.shape
         if self.ids is None or self.ids.shape != new_ids.shape:
             stats.units_missed += s * n
-            self.ids, self.payload = new_ids.clone(), [p.contiguous() for p in load(new_ids)]
+            # fresh buffers (clone, not contiguous(): a loaded tensor may be a view at any offset, and BLAS
+            # rounding can depend on alignment: local and remote rows must give bit-identical steps)
+            self.ids, self.payload = new_ids.clone(), [p.clone() for p in load(new_ids)]
             return self.payload
         miss = ~_members(new_ids, self.ids)
         stale = ~_members(self.ids, new_ids)  # as many stale slots as misses in every row
@@ -328,20 +332,13 @@ class SelectionCache:
             return self.payload
         valid = torch.arange(m, device=new_ids.device)[None, :] < counts[:, None]
         miss_ids = torch.where(valid, new_ids.gather(1, _first_k(miss, m)), -1)
-        dest = _first_k(stale, m)
         loaded = load(miss_ids)
-        # padding entries repeat the row's first write (or rewrite slot 0 unchanged) so scatter stays exact
-        has = (counts > 0)[:, None]
-        dest = torch.where(valid, dest, torch.where(has, dest[:, :1], 0))
-        src_ids = torch.where(valid, miss_ids, torch.where(has, miss_ids[:, :1], self.ids[:, :1]))
-        self.ids.scatter_(1, dest, src_ids)
+        # Only the valid (row, slot) pairs are written: one indexed copy per payload, padding never moves.
+        rows = torch.arange(s, device=new_ids.device)[:, None].expand(s, m)[valid]
+        dest = _first_k(stale, m)[valid]
+        self.ids[rows, dest] = miss_ids[valid]
         for buf, new in zip(self.payload, loaded, strict=True):
-            tail = buf.shape[2:]
-            shape = (s, m, *([1] * len(tail)))
-            keep = buf.gather(1, torch.zeros(shape, dtype=torch.long, device=buf.device).expand(s, m, *tail))
-            first = new[:, :1].expand(s, m, *tail)
-            data = torch.where(valid.view(shape), new, torch.where(has.view(s, 1, *shape[2:]), first, keep))
-            buf.scatter_(1, dest.view(shape).expand(s, m, *tail), data)
+            buf[rows, dest] = new[valid].to(buf.dtype)
         return self.payload
 
 
@@ -477,9 +474,10 @@ class SparseBackend(ABC):
         """Hook: start fetching what ``layer`` needs at its next call (runs while another layer computes)."""
 
     def _observe(  # noqa: B027 - optional hook
-        self, state: DecodeState, layer: int, q: torch.Tensor, k: torch.Tensor, ctx: Context
+        self, state: DecodeState, layer: int, q: torch.Tensor, k_parts: tuple[torch.Tensor, ...], ctx: Context
     ) -> None:
-        """Hook: see the attended keys ``k`` ``[S, K + generated, D]`` after a step (ALISA's importance)."""
+        """Hook: see the attended keys after a step (ALISA's importance): ``k_parts`` are ``ctx.k``'s parts
+        then the generated rows, ``[S, n_i, D]`` each."""
 
     def decode_step(
         self, state: DecodeState, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
@@ -498,14 +496,12 @@ class SparseBackend(ABC):
         state.last_selection[layer] = ctx.tokens
         gen = state.generated[layer]
         gk, gv = gen.k, gen.v
-        if ctx.k.shape[0] != gk.shape[0]:  # per-query-head selection: expand the exact generated KV
-            group = ctx.k.shape[0] // gk.shape[0]
+        if ctx.tokens.shape[0] != gk.shape[0]:  # per-query-head selection: expand the exact generated KV
+            group = ctx.tokens.shape[0] // gk.shape[0]
             gk, gv = gk.repeat_interleave(group, 0), gv.repeat_interleave(group, 0)
-        k = torch.cat([ctx.k.float(), gk], 1)
-        v = torch.cat([ctx.v.float(), gv], 1)
-        idx = torch.arange(k.shape[1], device=self.device).expand(k.shape[0], -1)
-        out = ops.sparse_decode_attention(q, k, v, idx)
-        self._observe(state, layer, q, k, ctx)
+        k_parts, v_parts = (*ctx.k, gk), (*ctx.v, gv)
+        out = ops.decode_attention_parts(q, k_parts, v_parts)  # read in place: no concatenated copy
+        self._observe(state, layer, q, k_parts, ctx)
         if layer == state.n_layers - 1:
             state.stats.steps += 1
         return out

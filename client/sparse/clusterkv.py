@@ -161,7 +161,7 @@ class ClusterKVBackend(SparseBackend):
         sink_k, sink_v = st.sink_k.repeat_interleave(group, 0), st.sink_v.repeat_interleave(group, 0)
         if n_sel <= 0:
             return Context(
-                sink_tokens[:, : sink + n_sel], sink_k[:, : sink + n_sel], sink_v[:, : sink + n_sel]
+                sink_tokens[:, : sink + n_sel], (sink_k[:, : sink + n_sel],), (sink_v[:, : sink + n_sel],)
             )
         cents = st.centroids.repeat_interleave(group, 0)  # per query head
         scores = ops.score_centroids(q, cents, softmax=False, scale=1.0)  # [H, C]
@@ -185,7 +185,5 @@ class ClusterKVBackend(SparseBackend):
         assert st.cache.ids is not None
         tokens = gather_heads(st.order, st.cache.ids)
         return Context(
-            torch.cat([sink_tokens, tokens], 1),
-            torch.cat([sink_k, kv_sel[..., :d]], 1),
-            torch.cat([sink_v, kv_sel[..., d:]], 1),
+            torch.cat([sink_tokens, tokens], 1), (sink_k, kv_sel[..., :d]), (sink_v, kv_sel[..., d:])
         )

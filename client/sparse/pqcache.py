@@ -192,7 +192,7 @@ class PQCacheBackend(SparseBackend):
         n_kv, d = state.n_kv_heads, state.head_dim
         self._finish_insert(st, state)
         if st.n_topk == 0:
-            return Context(st.fixed_tokens, st.fixed_kv[..., :d], st.fixed_kv[..., d:])
+            return Context(st.fixed_tokens, (st.fixed_kv[..., :d],), (st.fixed_kv[..., d:],))
         codes = st.codes
         if codes is None:
             ticket = st.codes_ticket or state.fetch_async(layer, "codes", self._codes_rows(st, n_kv))
@@ -220,5 +220,8 @@ class PQCacheBackend(SparseBackend):
             self._schedule_insert(st, state, layer, blk[~hit])
         else:
             kv_sel = cached
-        kv_all = torch.cat([st.fixed_kv, kv_sel], 1)
-        return Context(torch.cat([st.fixed_tokens, sel], 1), kv_all[..., :d], kv_all[..., d:])
+        return Context(
+            torch.cat([st.fixed_tokens, sel], 1),
+            (st.fixed_kv[..., :d], kv_sel[..., :d]),
+            (st.fixed_kv[..., d:], kv_sel[..., d:]),
+        )

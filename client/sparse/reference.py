@@ -42,7 +42,7 @@ class OracleBackend(SparseBackend):
         group = n_heads // state.n_kv_heads
         logits = torch.einsum("hgd,htd->hgt", q.view(state.n_kv_heads, group, d), kv[0]).reshape(n_heads, -1)
         tokens = logits.topk(self.budget_tokens(state.context_len), dim=1).indices
-        return Context(tokens, gather_heads(kv[0], tokens), gather_heads(kv[1], tokens))
+        return Context(tokens, (gather_heads(kv[0], tokens),), (gather_heads(kv[1], tokens),))
 
 
 @register
@@ -68,4 +68,4 @@ class SinkLocalBackend(SparseBackend):
 
     def _context(self, state: DecodeState, layer: int, q: torch.Tensor) -> Context:
         tokens, sel = state.layers[layer]
-        return Context(tokens, sel[0], sel[1])
+        return Context(tokens, (sel[0],), (sel[1],))

@@ -186,7 +186,7 @@ class ShadowKVBackend(SparseBackend):
         st: _Layer = state.layers[layer]
         n_kv, d, c = state.n_kv_heads, state.head_dim, self.chunk
         if st.n_select == 0:
-            return Context(st.static_tokens, st.static_k, st.static_v)
+            return Context(st.static_tokens, (st.static_k,), (st.static_v,))
         scores = ops.score_centroids(q, st.cand_landmarks, group_reduce="max", softmax=True)
         chunks = st.cand_ids.gather(1, scores.topk(st.n_select, dim=1).indices)  # [Hkv, n_select]
 
@@ -207,6 +207,6 @@ class ShadowKVBackend(SparseBackend):
         tokens = (held[:, :, None] * c + torch.arange(c, device=held.device)).reshape(n_kv, -1)
         return Context(
             torch.cat([st.static_tokens, tokens], 1),
-            torch.cat([st.static_k, k_sel.reshape(n_kv, -1, d)], 1),
-            torch.cat([st.static_v, v_sel.reshape(n_kv, -1, d)], 1),
+            (st.static_k, k_sel.reshape(n_kv, -1, d)),
+            (st.static_v, v_sel.reshape(n_kv, -1, d)),
         )
