@@ -872,6 +872,7 @@ class KVStreamServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self._servicer: KVStreamServicer | None = None
         self._server: grpc.aio.Server | None = None
         self._http: Any = None
         self._health_task: asyncio.Task[None] | None = None
@@ -880,6 +881,24 @@ class KVStreamServer:
     def address(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    def reload_tokens(self) -> bool:
+        """Re-read ``auth_tokens`` (``kvstore serve`` does on SIGHUP): rotate or revoke tokens without a
+        restart. The new table replaces the old one for every later request; a file that does not load
+        keeps the old table (logged), so a typo never locks every tenant out. Returns whether it loaded."""
+        path = self.config.auth_tokens
+        if not path or self._servicer is None:
+            log.warning("reload: no --auth-tokens file to reload")
+            return False
+        try:
+            tokens = TokenTable.from_file(path)
+        except (OSError, ValueError) as e:
+            kept = len(self._servicer.tokens or ())
+            log.error("reload tokens=%s failed, keeping the previous %d tokens: %s", path, kept, e)
+            return False
+        self._servicer.tokens = tokens
+        log.info("reload tokens=%s entries=%d", path, len(tokens))
+        return True
 
     async def start(self) -> None:
         cfg = self.config
@@ -896,6 +915,7 @@ class KVStreamServer:
                 "auth tokens=%d without TLS: bearer tokens cross the network in clear text", len(tokens)
             )
         servicer = KVStreamServicer(self.store, cfg, self.metrics, tokens)
+        self._servicer = servicer
         pb_grpc.add_KVStreamServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

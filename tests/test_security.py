@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.api import AsyncKVCacheClient, KVStreamError
+from deploy.launch import ServerProcess
 from kvstore.auth import Tenant, TokenTable, bearer_token, token_digest
 from kvstore.backends import open_backend
 from kvstore.config import ServerConfig, load_config
@@ -250,6 +253,44 @@ async def test_tenants_are_isolated(auth_server: KVStreamServer) -> None:
         assert [c.name for c in await admin.ls(namespace="team-a")] == ["doc"]
         assert (await admin.fetch(_model("team-a"), IDS, level=0)).prefix_tokens == 128
         assert (await a.get_context(_model("team-a"), name="doc")).context_id == put.context_id
+
+
+async def test_sighup_reloads_the_token_file(tmp_path: Path) -> None:
+    """``kvstore serve`` re-reads --auth-tokens on SIGHUP: rotated tokens work at once, revoked ones stop,
+    and a file that does not load keeps the previous table (no lockout by typo)."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{TOKEN_A} team-a\n")
+    model = _model("team-a")
+    with ServerProcess("memory://", extra_args=["--auth-tokens", str(tokens)]) as srv:
+
+        async def code_with(token: str) -> grpc.StatusCode | None:
+            async with AsyncKVCacheClient(srv.address, namespace="team-a", token=token, timeout=5.0) as c:
+                try:
+                    await c.lookup(model, IDS)
+                except KVStreamError as e:
+                    return e.code
+            return None
+
+        async def after_sighup(token: str, want: grpc.StatusCode | None) -> None:
+            assert srv.proc is not None
+            srv.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while (got := await code_with(token)) != want:  # the reload runs on the server's loop
+                assert time.monotonic() < deadline, (got, want, srv.log_tail())
+                await asyncio.sleep(0.05)
+
+        assert await code_with(TOKEN_A) is None  # also proves the handlers are installed
+        tokens.write_text(f"{TOKEN_B} team-a\n")  # rotate: A revoked, B issued
+        await after_sighup(TOKEN_B, None)
+        assert await code_with(TOKEN_A) == Code.UNAUTHENTICATED
+        tokens.write_text(f"{TOKEN_A} team-a lots\n")  # broken (bad quota): B must keep working
+        srv.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        for _ in range(20):
+            if "keeping the previous 1 tokens" in srv.log_tail():
+                break
+            await asyncio.sleep(0.05)
+        assert "keeping the previous 1 tokens" in srv.log_tail()
+        assert await code_with(TOKEN_B) is None and await code_with(TOKEN_A) == Code.UNAUTHENTICATED
 
 
 # ----- quotas -------------------------------------------------------------------------------------------
