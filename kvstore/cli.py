@@ -52,8 +52,8 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if config.auth_tokens:
-        loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)  # rotate tokens without a restart
+    if config.auth_tokens or config.tls_cert:
+        loop.add_signal_handler(signal.SIGHUP, server.reload)  # rotate tokens / certificates, no restart
     waiter = asyncio.create_task(server.wait_for_termination())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)

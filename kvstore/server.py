@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import ssl
+import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -841,14 +843,50 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 # ----- server -----------------------------------------------------------------------------------
 
 
-def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials from ``tls_cert``/``tls_key`` (None = plaintext); ``tls_client_ca`` demands client
-    certificates signed by that CA (mutual TLS). Raises ``OSError`` for unreadable files."""
-    if not config.tls_cert:
-        return None
-    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+class TlsCertificates:
+    """The server's TLS files (``tls_cert``/``tls_key``, and ``tls_client_ca`` for mutual TLS), reloadable.
+
+    ``credentials()`` are dynamic: gRPC asks :meth:`_fetch` at every new handshake, which hands over a
+    configuration staged by :meth:`reload` once; established connections keep theirs. Files are checked
+    with :mod:`ssl` (PEM parses, the key matches the certificate) before they are staged, so a bad file is
+    an error for the reload, never for the next client's handshake.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._initial = self._load()
+        self._staged: grpc.ServerCertificateConfiguration | None = None
+        self._lock = threading.Lock()  # _fetch runs on gRPC's threads
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cfg = self.config
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            check.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            if cfg.tls_client_ca:
+                check.load_verify_locations(cfg.tls_client_ca)
+        except ssl.SSLError as e:
+            files = f"{cfg.tls_cert} / {cfg.tls_key} / {cfg.tls_client_ca or '-'}"
+            raise OSError(f"TLS files {files}: {e}") from None
+        ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+        pair = (Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=bool(self.config.tls_client_ca)
+        )
+
+    def reload(self) -> None:
+        """Re-read the files for every later handshake; raises ``OSError`` (nothing staged) if bad."""
+        staged = self._load()
+        with self._lock:
+            self._staged = staged
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            staged, self._staged = self._staged, None
+        return staged
 
 
 class KVStreamServer:
@@ -873,6 +911,7 @@ class KVStreamServer:
         self.port = 0
         self.metrics_port = 0
         self._servicer: KVStreamServicer | None = None
+        self._tls: TlsCertificates | None = None
         self._server: grpc.aio.Server | None = None
         self._http: Any = None
         self._health_task: asyncio.Task[None] | None = None
@@ -882,13 +921,28 @@ class KVStreamServer:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
-    def reload_tokens(self) -> bool:
-        """Re-read ``auth_tokens`` (``kvstore serve`` does on SIGHUP): rotate or revoke tokens without a
-        restart. The new table replaces the old one for every later request; a file that does not load
-        keeps the old table (logged), so a typo never locks every tenant out. Returns whether it loaded."""
+    def reload(self) -> bool:
+        """Re-read the token file and the TLS files, where configured (``kvstore serve`` does on SIGHUP).
+
+        Rotates or revokes tokens and certificates without a restart: later requests use the new token
+        table, later TLS handshakes the new certificates. Anything that does not load keeps what is
+        running (logged), so a typo never locks every tenant out. Returns whether everything loaded.
+        """
+        ok = True
+        if self.config.auth_tokens:
+            ok = self._reload_tokens()
+        if self._tls is not None:
+            try:
+                self._tls.reload()
+                log.info("reload tls_cert=%s", self.config.tls_cert)
+            except OSError as e:
+                log.error("reload TLS failed, keeping the running certificates: %s", e)
+                ok = False
+        return ok
+
+    def _reload_tokens(self) -> bool:
         path = self.config.auth_tokens
-        if not path or self._servicer is None:
-            log.warning("reload: no --auth-tokens file to reload")
+        if self._servicer is None:
             return False
         try:
             tokens = TokenTable.from_file(path)
@@ -922,11 +976,11 @@ class KVStreamServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
-            creds = server_credentials(cfg)
+            self._tls = TlsCertificates(cfg) if cfg.tls_cert else None
             self.port = (
                 server.add_insecure_port(cfg.listen)
-                if creds is None
-                else server.add_secure_port(cfg.listen, creds)
+                if self._tls is None
+                else server.add_secure_port(cfg.listen, self._tls.credentials())
             )
         except RuntimeError as e:
             raise OSError(f"cannot listen on {cfg.listen}: {e}") from None

@@ -432,6 +432,39 @@ async def test_tls(certs: Path, token_file: Path) -> None:
         await srv.stop(0)
 
 
+async def test_reload_rotates_the_server_certificate(certs: Path, tmp_path: Path) -> None:
+    """A certificate from a new CA, staged by ``reload()`` (SIGHUP), serves every later handshake; a
+    broken file is refused by the reload and the running certificate stays."""
+    new = tmp_path / "new"
+    new.mkdir()
+    _openssl("req", "-x509", *_EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=kvstream test CA 2", cwd=new)  # fmt: skip
+    _openssl("req", *_EC_KEY, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=server", cwd=new)
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "1", "-extfile", str(certs / "server.ext"), cwd=new)  # fmt: skip
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(certs / name, live / name)
+    srv = await _start(tls_cert=str(live / "server.pem"), tls_key=str(live / "server.key"))
+    try:
+        async with _client(srv, tls_ca=new / "ca.pem") as kvs:  # does not trust the running certificate
+            assert await _code(kvs.lookup(_model("default"), IDS)) == Code.UNAVAILABLE
+        for name in ("server.pem", "server.key"):
+            shutil.copy(new / name, live / name)
+        assert srv.reload()
+        async with _client(srv, tls_ca=new / "ca.pem") as kvs:
+            await _round_trip(kvs)
+        async with _client(srv, tls_ca=certs / "ca.pem") as old:
+            assert await _code(old.lookup(_model("default"), IDS)) == Code.UNAVAILABLE
+        (live / "server.key").write_text("not a key")
+        assert not srv.reload()  # refused: the running certificate stays
+        async with _client(srv, tls_ca=new / "ca.pem") as kvs:
+            await _round_trip(kvs)
+    finally:
+        await srv.stop(0)
+
+
 async def test_mutual_tls_requires_a_client_certificate(certs: Path) -> None:
     srv = await _start(
         tls_cert=str(certs / "server.pem"),
