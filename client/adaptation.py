@@ -15,10 +15,11 @@ remaining context* before every chunk from the live throughput estimate and the 
   the smallest level is used and the miss is reported (``Plan.fits``).
 
 Throughput is the harmonic mean of recent per-chunk goodput samples (bytes / seconds) reported by the
-client or measured by the server, and plans use it discounted by the largest recent over-prediction
+client or measured by the server, and plans use it discounted by the largest recent prediction error
 (``planning_bandwidth``, as RobustMPC does for video bitrate): a token-bucket shaper that lets bursts
 through makes the mean run ahead of the link, and a plan that trusts it misses the SLO by the
-difference. Levels are codec levels: 0 is lossless (largest), higher levels are smaller.
+difference. Errors count both ways: a burst that beats the estimate is the same noise that later
+falls short of it, and it shows first. Levels are codec levels: 0 is lossless (largest), higher levels are smaller.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class AdaptivePlanner:
         self.recompute_seconds = recompute_seconds
         self.decode_seconds = decode_seconds
         self._samples: deque[float] = deque([float(bandwidth_bps)] * bandwidth_weight, maxlen=window)
-        self._over: deque[float] = deque(maxlen=window)  # relative over-predictions of recent samples
+        self._errors: deque[float] = deque(maxlen=window)  # relative prediction errors of recent samples
         self._decodes: deque[float] = deque([decode_seconds] if decode_seconds else [], maxlen=window)
 
     def observe(self, nbytes: int, seconds: float) -> None:
@@ -100,14 +101,14 @@ class AdaptivePlanner:
         """
         if nbytes > 0 and seconds > 0:
             sample = nbytes / seconds
-            self._over.append(max(self.bandwidth / sample - 1.0, 0.0))
+            self._errors.append(abs(self.bandwidth / sample - 1.0))
             self._samples.append(sample)
             self.bandwidth = len(self._samples) / sum(1 / s for s in self._samples)
 
     @property
     def planning_bandwidth(self) -> float:
-        """The estimate discounted by the largest recent over-prediction (bytes/s): what plans assume."""
-        return self.bandwidth / (1.0 + max(self._over, default=0.0))
+        """The estimate discounted by the largest recent prediction error (bytes/s): what plans assume."""
+        return self.bandwidth / (1.0 + max(self._errors, default=0.0))
 
     def observe_decode(self, seconds: float) -> None:
         """Feed one measured client decode time of a chunk."""
