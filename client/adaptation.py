@@ -19,7 +19,8 @@ client or measured by the server, and plans use it discounted by the largest rec
 (``planning_bandwidth``, as RobustMPC does for video bitrate): a token-bucket shaper that lets bursts
 through makes the mean run ahead of the link, and a plan that trusts it misses the SLO by the
 difference. Errors count both ways: a burst that beats the estimate is the same noise that later
-falls short of it, and it shows first. Levels are codec levels: 0 is lossless (largest), higher levels are smaller.
+falls short of it, and it shows first. Levels are codec levels: 0 is lossless (largest), higher
+levels are smaller.
 """
 
 from __future__ import annotations

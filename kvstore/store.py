@@ -479,7 +479,8 @@ class ChunkStore:
                     raise InvalidRequest(f"chunk hashes are {HASH_BYTES} bytes, got one of {len(h)}")
         ns = model.namespace
         keys = [record_key(ns, h) for h in hashes]
-        raws = await self.backend.get_many(keys) if keys else []
+        # A dead or slow shard shortens the prefix instead of failing the lookup (Redis Cluster).
+        raws = await self.backend.get_many_available(keys) if keys else []
         found: list[pb.ChunkInfo] = []
         for i, (key, raw, h) in enumerate(zip(keys, raws, hashes, strict=True)):
             info = self._parse_record(key, raw, h, i)

@@ -46,6 +46,7 @@ def test_plans_are_discounted_by_the_largest_recent_prediction_error() -> None:
     assert p.bandwidth > 2500 and p.planning_bandwidth == pytest.approx(p.bandwidth / (1 + 2 / 3))
     optimistic = p.bandwidth
     p.observe(250, 0.1)  # 2500 B/s: over-predicted by optimistic / 2500 - 1 (< 2/3, the larger one stays)
+    assert 0 < optimistic / 2500 - 1 < 2 / 3
     assert p.planning_bandwidth == pytest.approx(p.bandwidth / (1 + 2 / 3))
     assert p.planning_bandwidth < 2500 < p.bandwidth
     assert p.choose(0, 0.0) >= AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2500).choose(0, 0.0)

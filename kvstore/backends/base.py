@@ -50,6 +50,12 @@ class StorageBackend(abc.ABC):
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """Values of ``keys`` in order (``None`` where missing/expired). Touches LRU recency."""
 
+    async def get_many_available(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Like ``get_many`` for reads where a shorter answer beats none (a lookup's prefix): a backend of
+        independent shards may answer the keys of a failed or slow shard as misses instead of failing
+        the whole read. Never use it where a miss would be acted on (a put merging old records)."""
+        return await self.get_many(keys)
+
     async def get(self, key: str) -> bytes | None:
         return (await self.get_many([key]))[0]
 

@@ -6,11 +6,12 @@ never issues a cross-slot command. ``put_if_absent`` is ``SET NX``; set updates 
 scripts, routed by their one key. Keys sharing a ``{hash tag}`` (``kvs:{ns:hash}:L2``, ``...:rec``,
 ``...:refs``) land in the same slot. ``scan`` walks every primary; ``stats`` sums over primaries.
 
-Fault isolation: ``get_many`` (the lookup path) reads every node's keys as one pipeline, all nodes
-concurrently, each bounded by ``node_timeout`` seconds (URL option, default 1). The keys of a node that
-fails or times out read as misses (``None``), so a lookup still returns the prefix that lives on healthy
-shards; a background slot-map refresh then follows a failover. Only when *every* node failed does it
-raise ``BackendError``. Writes and single-key ``get`` keep the strict path: they raise on failure.
+Fault isolation: ``get_many_available`` (the lookup path) reads every node's keys as one pipeline, all
+nodes concurrently, each bounded by ``node_timeout`` seconds (URL option, default 1). The keys of a node
+that fails or times out read as misses (``None``), so a lookup still returns the prefix that lives on
+healthy shards; a background slot-map refresh then follows a failover. Only when *every* node failed does
+it raise ``BackendError``. ``get``/``get_many`` (a put reading the old manifest and records, deletes) and
+writes keep the strict path: they raise on failure, so no unreachable record is ever taken for absent.
 """
 
 from __future__ import annotations
@@ -115,13 +116,10 @@ class ClusterBackend(RedisBackend):
         # concurrent first commands race that load, some fail on half-opened connections.
         return await self._client.initialize()  # a flag check once loaded
 
-    async def get(self, key: str) -> bytes | None:
-        """Strict single-key read: raises ``BackendError`` if its node fails (no other shard to fall back
-        to; the streaming path bounds it by the RPC deadline)."""
-        return (await super().get_many([key]))[0]
-
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """Values of ``keys``; keys of a node that fails or exceeds ``node_timeout`` read as ``None``."""
+    async def get_many_available(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Values of ``keys``, each node read concurrently; keys of a node that fails or exceeds
+        ``node_timeout`` read as ``None``. ``get``/``get_many`` stay strict (they raise): a put must
+        never mistake an unreachable manifest for a missing one."""
         if not keys:
             return []
         with mapped_errors(self._where):
