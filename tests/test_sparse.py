@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from client.model import Llama2c
-from client.sparse import SidecarError, SparseIndex, budget_tokens, get_backend, list_backends
+from client.sparse import SidecarError, SparseIndex, alisa, budget_tokens, get_backend, list_backends
 from client.sparse.base import FetchStats, SelectionCache, SparseBackend
 from client.sparse.eval import attention_metrics
 from client.sparse.prefetch import HostStore, Prefetcher
@@ -350,3 +350,18 @@ def test_real_model_beats_sink_local(real: dict[str, Any]) -> None:
     for name in ("shadowkv", "pqcache", "clusterkv", "alisa"):
         assert errs[name] < errs["sink_local"], errs
     assert errs["oracle"] < min(errs[n] for n in ("shadowkv", "pqcache", "clusterkv", "alisa")), errs
+
+
+def test_alisa_index_carries_quantisation_params_not_int8_rows(real: dict[str, Any]) -> None:
+    kv, q = real["kv"][:, :, :T_CTX], real["q"][:, :T_CTX]
+    backend = get_backend("alisa", 0.25)
+    index = backend.build_index(kv, q)
+    assert set(index.tensors) == {"importance", "scale", "zero"}
+    assert index.nbytes < kv.numel() * 4 / 16  # the INT8 rows alone would be a quarter of float32
+    # The rows the node derives at prefill are the index's quantisation of its KV, element for element.
+    state = backend.prefill(kv, index=index)
+    rows = state.fetch(0, "kv_q", torch.arange(T_CTX)[None])
+    flat = torch.cat([kv[0, 0], kv[0, 1]], -1).reshape(T_CTX, -1)
+    scale, zero = index.tensors["scale"][0], index.tensors["zero"][0]
+    assert torch.equal(rows[0], alisa.quantize_with(flat, scale, zero))
+    state.close()

@@ -204,7 +204,7 @@ async def test_decode_with_fetched_index_and_remote_kv(
         remote, rows_remote = await asyncio.to_thread(_decode, ctx, backend, fetched, fetcher)
         assert torch.equal(remote, want)  # rows pulled from the service (lossless) are the host's rows
         assert rows_remote == rows_local
-        if row_layouts(fetched):  # ALISA's INT8 rows are index data, read from the node's store
+        if row_layouts(fetched):  # offloaded rows that are stored KV rows come from the service
             assert fetcher.stats.chunks > 0 and set(fetcher.stats.levels) == {0}
         else:
             assert fetcher.stats.requests == 0

@@ -2,9 +2,12 @@
 
 Index (per layer): ``importance`` ``[T]`` = attention weights of the last ``obs_steps`` prefill queries,
 summed over those queries and over all heads (ALISA's "local attention sum"; it needs the prefill queries,
-which a KV store does not have, so the service stores this vector instead), and the KV cache quantised
-channel-wise, asymmetric min/max to 8 bits: ``kv_q`` ``[T, kv_heads * 2 * head_dim]`` int8 with
-``scale``/``zero`` ``[kv_heads * 2 * head_dim]`` (``x ~ q * scale + zero``).
+which a KV store does not have, so the service stores this vector instead), and the channel-wise
+asymmetric min/max 8-bit quantisation of the KV cache: ``scale``/``zero`` ``[kv_heads * 2 * head_dim]``
+(``x ~ q * scale + zero``). The INT8 rows themselves (``kv_q`` ``[T, kv_heads * 2 * head_dim]``) are not in
+the index: they follow from the KV and ``scale``/``zero`` elementwise (``quantize_with``), so the node
+derives them at prefill (local mode) or re-quantises the float rows it fetches (remote mode), and the
+sidecar stays ~1/4 of a float32 copy smaller.
 
 Decode: attended = the last ``k = round(budget_tokens * local_ratio)`` context tokens (static) + the
 top-``(budget_tokens - k)`` earlier tokens by importance (dynamic, shared by all heads, as ALISA for MHA)
@@ -53,6 +56,12 @@ def quantize_with(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     the index's INT8 copy bit for bit."""
     half = 2 ** (bits - 1)
     return torch.round((x.float() - zero) / scale).clamp(-half, half - 1).to(torch.int8)
+
+
+def _rows(kv: torch.Tensor) -> torch.Tensor:
+    """One layer's ``kv`` ``[2, T, kv_heads, head_dim]`` as float32 rows ``[T, kv_heads * 2 * head_dim]``
+    (per head: K then V), the layout of ALISA's INT8 copy and of the service's row reads."""
+    return torch.cat([kv[0], kv[1]], -1).float().reshape(kv.shape[1], -1)
 
 
 @dataclass
@@ -105,7 +114,7 @@ class ALISABackend(SparseBackend):
         if queries.shape[1] < obs:
             raise ValueError(f"ALISA needs the last {obs} prefill queries, got {queries.shape[1]}")
         group = queries.shape[2] // n_kv
-        imps, kvq, scales, zeros = [], [], [], []
+        imps, scales, zeros = [], [], []
         causal = torch.arange(t)[None, :] <= torch.arange(t - obs, t)[:, None]  # [obs, T]
         for layer in range(n_layers):
             keys = kv[layer, 0].float().repeat_interleave(group, 1)  # [T, H, D]
@@ -113,23 +122,16 @@ class ALISABackend(SparseBackend):
             logits = torch.einsum("ohd,thd->hot", last_q, keys) / math.sqrt(d)
             probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
             imps.append(probs.sum((0, 1)))
-            flat = torch.cat([kv[layer, 0], kv[layer, 1]], -1).float().reshape(t, n_kv * 2 * d)
+            flat = _rows(kv[layer])
             if self.kv_bits is None:
-                kvq.append(flat)
                 scales.append(torch.ones(flat.shape[1]))
                 zeros.append(torch.zeros(flat.shape[1]))
             else:
-                q, s, z = quantize_channels(flat, self.kv_bits)
-                kvq.append(q)
+                _, s, z = quantize_channels(flat, self.kv_bits)
                 scales.append(s)
                 zeros.append(z)
         params = {**self.shape_params(kv), "obs_steps": obs, "kv_bits": self.kv_bits or 32}
-        tensors = {
-            "importance": torch.stack(imps),
-            "kv_q": torch.stack(kvq),
-            "scale": torch.stack(scales),
-            "zero": torch.stack(zeros),
-        }
+        tensors = {"importance": torch.stack(imps), "scale": torch.stack(scales), "zero": torch.stack(zeros)}
         return SparseIndex(self.name, params, tensors)
 
     def check_index(self, index: SparseIndex, kv: torch.Tensor) -> None:
@@ -141,8 +143,13 @@ class ALISABackend(SparseBackend):
         t, dev = state.context_len, self.device
         total = self.budget_tokens(t)
         k_local = min(total, round(total * self.local_ratio))
-        kv_q = index.tensors["kv_q"][layer]
-        state.offload(layer, "kv_q", lambda: kv_q[None])  # [1, T, Hkv*2D]: one selection shared by all heads
+        scale, zero = index.tensors["scale"][layer], index.tensors["zero"][layer]
+
+        def quantized(rows: torch.Tensor) -> torch.Tensor:
+            return rows if self.kv_bits is None else quantize_with(rows, scale, zero, self.kv_bits)
+
+        # [1, T, Hkv*2D]: one selection shared by all heads; never built when the service serves the rows
+        state.offload(layer, "kv_q", lambda: quantized(_rows(kv))[None])
         imp = index.layer("importance", layer, dev).float()
         obs = int(index.params["obs_steps"])
         return _Layer(
@@ -151,7 +158,7 @@ class ALISABackend(SparseBackend):
             prefill_left=obs,
             rows=deque(),
             local_tokens=torch.arange(t - k_local, t, device=dev),
-            local_kv=resident(kv_q[t - k_local :], dev),
+            local_kv=resident(quantized(_rows(kv[:, t - k_local :])), dev),
             scale=index.layer("scale", layer, dev),
             zero=index.layer("zero", layer, dev),
             n_global=total - k_local,
