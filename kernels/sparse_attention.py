@@ -76,8 +76,9 @@ def sparse_decode_attention(
         # Advanced indexing copies only the selected rows; torch.gather would need an int64 index
         # expanded to [Hkv, K, D] (2-4x slower on CPU).
         heads = torch.arange(n_kv, device=idx.device).unsqueeze(1)
-        kg = k[heads, idx.clamp(min=0)].float()  # [Hkv, K, D]
-        vg = v[heads, idx.clamp(min=0)].float()
+        rows = idx.clamp(min=0)
+        kg = k[heads, rows].float()  # [Hkv, K, D]
+        vg = v[heads, rows].float()
     if k_scale is not None:
         kg = kg * k_scale.float().unsqueeze(1)
     if v_scale is not None:

@@ -52,15 +52,15 @@ def quantize_channels(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, tor
 def quantize_with(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """``x`` ``[..., C]`` float32 to int8 with given per-channel ``scale``/``zero`` ``[C]``.
 
-    Elementwise, so rows re-quantised later (remote mode: stored float rows fetched from the service) equal
-    the index's INT8 copy bit for bit."""
+    Elementwise, so rows re-quantised from the stored float rows fetched from the service (remote mode)
+    equal the rows local mode derives from its own KV, bit for bit."""
     half = 2 ** (bits - 1)
     return torch.round((x.float() - zero) / scale).clamp(-half, half - 1).to(torch.int8)
 
 
 def _rows(kv: torch.Tensor) -> torch.Tensor:
     """One layer's ``kv`` ``[2, T, kv_heads, head_dim]`` as float32 rows ``[T, kv_heads * 2 * head_dim]``
-    (per head: K then V), the layout of ALISA's INT8 copy and of the service's row reads."""
+    (per head: K then V), the layout of ALISA's INT8 rows and of the service's row reads."""
     return torch.cat([kv[0], kv[1]], -1).float().reshape(kv.shape[1], -1)
 
 

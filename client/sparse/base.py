@@ -456,7 +456,7 @@ class SparseBackend(ABC):
             state.layers.append(self._prefill_layer(state, layer, kv[layer].float(), index))
         for g in state.generated:
             g.first_pos = t
-        if rows is not None:  # the offloaded index tensors (ALISA's INT8 copy) are served: let them go
+        if rows is not None:  # the layers copied what they keep; of the index, hold what the remote reads
             state.index = index.subset(rows.index_tensors)
         return state
 

@@ -266,7 +266,7 @@ class RowLayout:
     1 = values) concatenated along the last dim: a row is ``unit * len(parts) * head_dim`` floats.
     With ``heads > 0`` the tensor is ``[1, N, heads * unit * len(parts) * head_dim]``: one row holds every
     KV head (ALISA's selection shared by all heads). With ``quant`` = ``(scale, zero)`` ``[layers, C]``
-    the rows are re-quantised to int8 exactly like the index's copy
+    the rows are quantised to int8 exactly as local mode derives them from its own KV
     (:func:`client.sparse.alisa.quantize_with`).
     ``uses`` names the index tensors the layout reads (a remote-backed state keeps them).
     """
@@ -327,7 +327,7 @@ def row_layouts(index: SparseIndex) -> dict[str, RowLayout]:
         return {"kv": RowLayout((0, 1), order=index.tensors["order"], uses=("order",))}
     if index.backend == "alisa":
         heads, bits = int(index.params["kv_heads"]), int(index.params["kv_bits"])
-        if bits == 32:  # kv_bits=None: the index keeps float32 K/V, exactly the stored rows
+        if bits == 32:  # kv_bits=None: ALISA attends float32 rows, exactly the stored ones
             return {"kv_q": RowLayout((0, 1), heads=heads)}
         quant = (index.tensors["scale"], index.tensors["zero"])
         return {"kv_q": RowLayout((0, 1), heads=heads, quant=quant, bits=bits, uses=("scale", "zero"))}

@@ -60,8 +60,8 @@ def _node_timeout_option(url: str) -> tuple[str, float]:
 class ClusterBackend(RedisBackend):
     """A Redis Cluster reached through any of its nodes (seeds); topology is discovered and followed.
 
-    ``node_timeout`` bounds each node's share of a ``get_many``; ``node_read_failures`` counts, by node
-    name (``host:port``), the reads that failed or timed out and were answered as misses.
+    ``node_timeout`` bounds each node's share of a ``get_many_available``; ``node_read_failures`` counts,
+    by node name (``host:port``), the reads that failed or timed out and were answered as misses.
     """
 
     name = "redis-cluster"
@@ -81,8 +81,8 @@ class ClusterBackend(RedisBackend):
     @classmethod
     def from_url(cls, url: str) -> ClusterBackend:
         """``redis+cluster://[user:pass@]h1:p1,h2:p2?socket_timeout=5&node_timeout=1`` (``rediss+cluster`` =
-        TLS). ``node_timeout``: seconds one node may take in a multi-key read before its keys count as
-        misses (default 1)."""
+        TLS). ``node_timeout``: seconds one node may take in a lookup's multi-key read
+        (``get_many_available``) before its keys count as misses (default 1)."""
         parts = urlsplit(url)
         auth, _, hosts = parts.netloc.rpartition("@")
         if parts.path not in ("", "/"):
@@ -124,22 +124,23 @@ class ClusterBackend(RedisBackend):
             return []
         with mapped_errors(self._where):
             client = await self._ready()
-            groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+            by_node: dict[str, tuple[ClusterNode, list[int]]] = {}  # node name -> (node, key positions)
             try:
                 for i, key in enumerate(keys):
                     node = client.get_node_from_key(key)
                     if node is None:
                         raise RedisClusterException(f"no node serves the slot of {key!r}")
-                    groups.setdefault(node.name, (node, []))[1].append(i)
+                    by_node.setdefault(node.name, (node, []))[1].append(i)
             except RedisClusterException as e:
                 raise BackendError(f"{self._where}: {e}") from e
-        node_keys = [(node, [keys[i] for i in idx]) for node, idx in groups.values()]
-        values = await asyncio.gather(*(self._read_node(client, n, ks) for n, ks in node_keys))
+        groups = list(by_node.values())
+        reads = (self._read_node(client, node, [keys[i] for i in idx]) for node, idx in groups)
+        values = await asyncio.gather(*reads)
         if all(v is None for v in values):
-            failed = ", ".join(n.name for n, _ in node_keys)
+            failed = ", ".join(n.name for n, _ in groups)
             raise BackendError(f"{self._where}: every node of the read failed ({failed})")
         out: list[bytes | None] = [None] * len(keys)
-        for (_, idx), got in zip(groups.values(), values, strict=True):
+        for (_, idx), got in zip(groups, values, strict=True):
             for i, value in zip(idx, got or [None] * len(idx), strict=True):
                 out[i] = value
         return out
