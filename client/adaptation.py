@@ -19,8 +19,12 @@ client or measured by the server, and plans use it discounted by the largest rec
 (``planning_bandwidth``, as RobustMPC does for video bitrate): a token-bucket shaper that lets bursts
 through makes the mean run ahead of the link, and a plan that trusts it misses the SLO by the
 difference. Errors count both ways: a burst that beats the estimate is the same noise that later
-falls short of it, and it shows first. Levels are codec levels: 0 is lossless (largest), higher
-levels are smaller.
+falls short of it, and it shows first. One more hedge bounds a single bad bet: the next chunk's level
+must leave the SLO reachable even if the link falls to the slowest rate seen recently
+(``floor_bandwidth``, this stream's samples and the client's earlier ones) for that chunk and all the
+rest at their smallest level. On a steady link the floor is the rate and this never binds; on a link
+that swings 20x between slots it keeps the SLO a promise and spends only slack already banked.
+Levels are codec levels: 0 is lossless (largest), higher levels are smaller.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class AdaptivePlanner:
         window: how many recent throughput samples the estimate is the harmonic mean of.
         bandwidth_weight: how many of those samples ``bandwidth_bps`` counts as at the start (a
             measured estimate from earlier streams deserves more trust than a default).
+        bandwidth_floor_bps: the slowest throughput the client saw on earlier streams (bytes/s), if known.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class AdaptivePlanner:
         decode_seconds: float | None = None,
         window: int = 5,
         bandwidth_weight: int = 1,
+        bandwidth_floor_bps: float | None = None,
     ) -> None:
         if slo_seconds <= 0:
             raise ValueError("slo_seconds must be positive")
@@ -80,11 +86,14 @@ class AdaptivePlanner:
             raise ValueError("bandwidth_bps must be positive")
         if not 1 <= bandwidth_weight <= window:
             raise ValueError("need 1 <= bandwidth_weight <= window")
+        if bandwidth_floor_bps is not None and not bandwidth_floor_bps > 0:
+            raise ValueError("bandwidth_floor_bps must be positive")
         self.chunk_sizes = [dict(s) for s in chunk_sizes]
         if any(not s for s in self.chunk_sizes):
             raise ValueError("every chunk needs at least one stored level")
         self.slo = slo_seconds
         self.bandwidth = float(bandwidth_bps)
+        self._prior_floor = bandwidth_floor_bps or float(bandwidth_bps)
         self.recompute_seconds = recompute_seconds
         self.decode_seconds = decode_seconds
         self._samples: deque[float] = deque([float(bandwidth_bps)] * bandwidth_weight, maxlen=window)
@@ -111,18 +120,24 @@ class AdaptivePlanner:
         """The estimate discounted by the largest recent prediction error (bytes/s): what plans assume."""
         return self.bandwidth / (1.0 + max(self._errors, default=0.0))
 
+    @property
+    def floor_bandwidth(self) -> float:
+        """The slowest recent throughput (bytes/s): samples, the client's floor, ``planning_bandwidth``."""
+        return min(self.planning_bandwidth, self._prior_floor, *self._samples)
+
     def observe_decode(self, seconds: float) -> None:
         """Feed one measured client decode time of a chunk."""
         if seconds > 0:
             self._decodes.append(seconds)
             self.decode_seconds = statistics.median(self._decodes)  # one slow decode (a JIT, a GC) is noise
 
-    def _cost(self, index: int, level: int) -> float:
+    def _cost(self, index: int, level: int, bandwidth: float | None = None) -> float:
         if level == RECOMPUTE:
             assert self.recompute_seconds is not None
             return self.recompute_seconds
         # Chunk i decodes while chunk i+1 is on the wire: the slower of the two stages sets the pace.
-        return max(self.chunk_sizes[index][level] / self.planning_bandwidth, self.decode_seconds or 0.0)
+        rate = bandwidth or self.planning_bandwidth
+        return max(self.chunk_sizes[index][level] / rate, self.decode_seconds or 0.0)
 
     def _tail_reserve(self, level: int) -> float:
         return 0.0 if level == RECOMPUTE else self.decode_seconds or 0.0
@@ -154,6 +169,22 @@ class AdaptivePlanner:
                     break
         return None
 
+    def _hedged(self, first: int, levels: list[int], time_left: float) -> list[int]:
+        """``levels`` with the first chunk stepped down until it is a bet the rest can pay back.
+
+        Holds when chunk ``first`` and every later chunk at its smallest level fit ``time_left`` at
+        ``floor_bandwidth``; never steps below the smallest stored level.
+        """
+        floor = self.floor_bandwidth
+        rest = [self._at(i, max(self.chunk_sizes[i])) for i in range(first + 1, first + len(levels))]
+        rest_seconds = sum(self._cost(first + 1 + j, lvl, floor) for j, lvl in enumerate(rest))
+        stored = sorted(lvl for lvl in self.chunk_sizes[first] if lvl >= levels[0])
+        for level in stored:
+            last = rest[-1] if rest else level
+            if self._cost(first, level, floor) + rest_seconds + self._tail_reserve(last) <= time_left:
+                return [level, *levels[1:]]
+        return [stored[-1], *levels[1:]]
+
     def plan(self, start: int, time_left: float, head_recompute: bool | None = None) -> Plan:
         """Best plan for chunks ``start..`` given ``time_left`` seconds.
 
@@ -167,6 +198,7 @@ class AdaptivePlanner:
         if n <= 0:
             return Plan((), 0.0, True)
         if (levels := self._uniform(start, time_left)) is not None:
+            levels = self._hedged(start, levels, time_left)
             return Plan(tuple(levels), self._network_seconds(start, levels), True)
         rc = self.recompute_seconds
         if rc is not None and (start == 0 if head_recompute is None else head_recompute):

@@ -23,6 +23,7 @@ import contextlib
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,8 @@ class AsyncKVCacheClient:
     client certificate for servers that require mutual TLS. Without any of them the channel is plaintext.
     """
 
+    FLOOR_MEMORY_SECONDS = 60.0  # how long a slow per-chunk goodput keeps ``bandwidth_floor`` down
+
     def __init__(
         self,
         addresses: str | Sequence[str],
@@ -244,6 +247,17 @@ class AsyncKVCacheClient:
         # decode speed in KV tokens/s.
         self.bandwidth: float | None = None
         self.decode_rate: float | None = None
+        self._goodputs: deque[tuple[float, float]] = deque(maxlen=1024)  # (monotonic time, bytes/s) per chunk
+
+    @property
+    def bandwidth_floor(self) -> float | None:
+        """Slowest per-chunk goodput (bytes/s) of the last ``FLOOR_MEMORY_SECONDS``, if any.
+
+        Sent with adaptive fetches: the server bets on a large chunk only if the SLO survives the link
+        falling back to this rate.
+        """
+        since = time.monotonic() - self.FLOOR_MEMORY_SECONDS
+        return min((g for t, g in self._goodputs if t >= since), default=None)
 
     # -- plumbing ---------------------------------------------------------------------------------------
 
@@ -471,6 +485,8 @@ class AsyncKVCacheClient:
                     decode_tokens_per_second or state.decode_rate or self.decode_rate or 0
                 )
                 start.bandwidth_hint_bps = bandwidth_hint_bps or state.bandwidth or self.bandwidth or 0
+                seen = [*state.goodputs, *filter(None, [self.bandwidth_floor])]
+                start.bandwidth_floor_bps = min(seen, default=0.0)
             try:
                 await self._stream_once(self._stub(address), start, state)
                 last = None  # an earlier front end failed, but this one finished the stream
@@ -492,6 +508,8 @@ class AsyncKVCacheClient:
         result.seconds = time.perf_counter() - t0
         self.bandwidth = state.bandwidth or self.bandwidth
         self.decode_rate = state.decode_rate or self.decode_rate
+        now = time.monotonic()
+        self._goodputs.extend((now, g) for g in state.goodputs)
         return result
 
     async def _stream_once(
@@ -566,6 +584,7 @@ class _FetchState:
         self._reported = 0  # decodes [0, _reported) were reported to the server (or are recompute)
         self._recv = [0, 0.0]  # bytes, seconds: goodput of this fetch
         self._window: list[tuple[int, float]] = []  # (bytes, seconds) of the last arrivals
+        self.goodputs: list[float] = []  # per blob, what was reported to the server (bytes/s)
         self._decode_seconds: list[float] = []  # per decoded chunk
 
     @property
@@ -601,6 +620,7 @@ class _FetchState:
         # one's gap by as much, so a window measures the link where a single chunk is off both ways.
         self._window = [*self._window[-2:], (len(blob), recv_seconds)]
         goodput = sum(n for n, _ in self._window) / max(sum(t for _, t in self._window), 1e-9)
+        self.goodputs.append(goodput)
 
         def work() -> tuple[torch.Tensor | None, float]:
             t = time.perf_counter()

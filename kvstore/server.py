@@ -197,6 +197,7 @@ class AdaptiveLevelPolicy:
             start.slo_ms / 1e3,
             bandwidth_bps=start.bandwidth_hint_bps or DEFAULT_BANDWIDTH_BPS,
             bandwidth_weight=4 if start.bandwidth_hint_bps else 1,  # a measured hint: trusted like 4 samples
+            bandwidth_floor_bps=start.bandwidth_floor_bps or None,
             recompute_seconds=tokens / rate if rate > 0 else None,
             decode_seconds=tokens / decode_rate if decode_rate > 0 else None,
         )
@@ -267,7 +268,8 @@ def make_policy(
     if start.policy == pb.LEVEL_POLICY_ADAPTIVE:
         if not start.slo_ms > 0:
             raise _invalid("LEVEL_POLICY_ADAPTIVE needs slo_ms > 0")
-        for name in ("recompute_tokens_per_second", "decode_tokens_per_second", "bandwidth_hint_bps"):
+        rates = ("recompute_tokens_per_second", "decode_tokens_per_second")
+        for name in (*rates, "bandwidth_hint_bps", "bandwidth_floor_bps"):
             if not getattr(start, name) >= 0:  # also rejects NaN
                 raise _invalid(f"{name} must be >= 0")
         return AdaptiveLevelPolicy(chunks, start, started)

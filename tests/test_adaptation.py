@@ -73,7 +73,28 @@ def test_missing_levels_fall_back_to_a_smaller_stored_level() -> None:
     assert set(plan.levels) <= {0, 3} and plan.fits
 
 
-@pytest.mark.parametrize("kwargs", [{"slo_seconds": 0}, {"bandwidth_bps": 0}, {"bandwidth_weight": 0}])
+def test_a_large_chunk_is_bet_only_if_the_slo_survives_the_floor_rate() -> None:
+    # 10 chunks, 1.0 s: at 10 kB/s all lossless fits (uniform plan); the client saw 1 kB/s recently, and
+    # at that rate a lossless chunk (1 s) plus nine smallest ones (0.9 s) would not.
+    trusting = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=10_000, bandwidth_weight=4)
+    assert trusting.floor_bandwidth == 10_000 and trusting.plan(0, 1.0).levels[0] == 0
+    hedged = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=10_000, bandwidth_weight=4, bandwidth_floor_bps=1000)
+    plan = hedged.plan(0, 1.0)
+    assert hedged.floor_bandwidth == 1000 and plan.fits
+    # The first chunk is stepped down to what the floor allows (0.1 s left: 100 B, level 4); the rest of
+    # the plan is unchanged and is re-decided chunk by chunk as samples come in.
+    assert plan.levels[0] == 4 and set(plan.levels[1:]) == {0}
+    # Banked slack buys quality: 0.3 s more and the next chunk may be 400 B even at the floor.
+    assert hedged.plan(0, 1.0 + 0.3).levels[0] == 1
+    # A floor sample of this stream counts too, and steady fast samples do not erase it from the window.
+    p = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=10_000, bandwidth_weight=4)
+    p.observe(100, 0.1)
+    assert p.floor_bandwidth <= 1000
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"slo_seconds": 0}, {"bandwidth_bps": 0}, {"bandwidth_weight": 0}, {"bandwidth_floor_bps": 0}]
+)
 def test_bad_arguments(kwargs: dict[str, float]) -> None:
     args: dict[str, float] = {"slo_seconds": 1.0, "bandwidth_bps": 1.0, **kwargs}
     slo = args.pop("slo_seconds")

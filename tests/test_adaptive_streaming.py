@@ -26,6 +26,7 @@ import functools
 import json
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,27 @@ async def test_cut_stream_resumes_on_the_other_front_end_bit_exact(
         want = codec.decode(blob[report.level])
         got = adaptive.kv[:, :, 64 * report.index : 64 * (report.index + 1)]
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), report
+
+
+async def test_the_slowest_recent_goodput_holds_large_chunks_back(
+    two_front_ends: tuple[KVStreamServer, KVStreamServer],
+) -> None:
+    srv, _ = two_front_ends
+    model = ModelKey("t", chunk_tokens=64)
+    ids = token_ids(512, 0)
+    async with AsyncKVCacheClient(srv.address) as c:
+        await c.store(model, ids, synthetic_context(512, 64, SHAPE))
+        assert c.bandwidth_floor is None  # nothing fetched yet
+        fast = await c.fetch(model, ids, slo=5.0, bandwidth_hint_bps=1e12)
+        assert c.bandwidth_floor is not None and c.bandwidth_floor > 0
+        assert min(r.level for r in fast.chunks) == codec.LOSSLESS  # loopback: everything fits
+        # The same fetch by a client that saw its link crawl at 10 kB/s a moment ago: the server only
+        # starts a chunk the SLO survives at that rate, so the first one goes at the smallest level.
+        c._goodputs.append((time.monotonic(), 10e3))
+        hedged = await c.fetch(model, ids, slo=5.0, bandwidth_hint_bps=1e12)
+        assert hedged.chunks[0].level == max(codec.LEVELS), [r.level for r in hedged.chunks]
+        c.FLOOR_MEMORY_SECONDS = 0.0  # the memory ages out
+        assert c.bandwidth_floor is None
 
 
 async def test_recompute_ranges_prefilled_locally_give_the_exact_kv(model_path: Path) -> None:

@@ -472,6 +472,7 @@ class StreamStart(_message.Message):
     RECOMPUTE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     BANDWIDTH_HINT_BPS_FIELD_NUMBER: _builtins.int
+    BANDWIDTH_FLOOR_BPS_FIELD_NUMBER: _builtins.int
     start_chunk: _builtins.int
     """resume: first chunk to send"""
     max_chunks: _builtins.int
@@ -491,6 +492,8 @@ class StreamStart(_message.Message):
     """client decode speed (KV tokens per second, ~any level)"""
     bandwidth_hint_bps: _builtins.float
     """throughput of the last stream (bytes/s), first estimate"""
+    bandwidth_floor_bps: _builtins.float
+    """slowest recent per-chunk throughput (bytes/s): what a bet"""
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -517,10 +520,11 @@ class StreamStart(_message.Message):
         recompute_tokens_per_second: _builtins.float = ...,
         decode_tokens_per_second: _builtins.float = ...,
         bandwidth_hint_bps: _builtins.float = ...,
+        bandwidth_floor_bps: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk_hashes", b"chunk_hashes", "model", b"model", "query", b"query", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_hint_bps", b"bandwidth_hint_bps", "chunk_hashes", b"chunk_hashes", "decode_tokens_per_second", b"decode_tokens_per_second", "level", b"level", "max_chunks", b"max_chunks", "max_part_bytes", b"max_part_bytes", "model", b"model", "policy", b"policy", "query", b"query", "recompute_tokens_per_second", b"recompute_tokens_per_second", "sidecars", b"sidecars", "slo_ms", b"slo_ms", "start_chunk", b"start_chunk", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_floor_bps", b"bandwidth_floor_bps", "bandwidth_hint_bps", b"bandwidth_hint_bps", "chunk_hashes", b"chunk_hashes", "decode_tokens_per_second", b"decode_tokens_per_second", "level", b"level", "max_chunks", b"max_chunks", "max_part_bytes", b"max_part_bytes", "model", b"model", "policy", b"policy", "query", b"query", "recompute_tokens_per_second", b"recompute_tokens_per_second", "sidecars", b"sidecars", "slo_ms", b"slo_ms", "start_chunk", b"start_chunk", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["token_ids", "chunk_hashes"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
