@@ -20,9 +20,11 @@ TTFT = ``fetch()`` wall time until the decoded KV is on the host (receive + pipe
 * ``adaptive``: ``fetch(slo=...)`` with ``slo = --slo-fraction x`` the median fp16 TTFT at that
   bandwidth, so the planner must shrink the context by ~1/fraction; the levels it chose are reported.
 
-SLO hit rate: ``--trace-runs`` adaptive fetches and as many at the fixed default level, each under a
-seeded bandwidth trace that steps every ``slo/4`` between 0.1 and 2 Gbit/s; the SLO is what the default
-level achieves on a steady 1 Gbit/s link (median TTFT of 3 fetches, decode included). The worker runs
+SLO hit rate: ``--trace-runs`` seeded bandwidth traces stepping every ``slo/4`` between 0.1 and 2 Gbit/s,
+each played under an adaptive fetch, a fixed default-level fetch and a fixed smallest-level fetch, for two
+SLOs: ``floor`` (the smallest level at a steady 0.1 Gbit/s: the tightest promise streaming alone can
+keep on this link) and ``tight`` (the default level at a steady 1 Gbit/s, with recompute on the
+inference node at ``--recompute-tps``); see ``_trace_runs``. The worker runs
 with ``OMP_NUM_THREADS=1``: on 2 cores shared with the server, OpenMP's spinning threads otherwise add
 ~0.2 s to every tensor op.
 """
@@ -253,17 +255,21 @@ def server_argv(link: Any, port: int = SERVER_PORT) -> list[str]:
 # ----- benchmark --------------------------------------------------------------------------------
 
 
+TRACE_RATES_MBIT = (100, 200, 500, 1000, 2000)
+
+
 def _trace(seed: int, seconds: float, step: float) -> list[float]:
     """Rates (Mbit/s) for consecutive ``step``-second slots covering ``seconds``."""
     rng = random.Random(seed)
-    return [rng.choice([100, 200, 500, 1000, 2000]) for _ in range(int(seconds / step) + 2)]
+    return [rng.choice(TRACE_RATES_MBIT) for _ in range(int(seconds / step) + 2)]
 
 
 def _play(link: Any, rates: Sequence[float], step: float, stop: threading.Event) -> None:
+    """Set each of ``rates`` for ``step`` seconds in turn, the first after one step (until ``stop``)."""
     for rate in rates:
-        link.set_rate(rate)
         if stop.wait(step):
             return
+        link.set_rate(rate)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -357,40 +363,82 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _trace_runs(
     link: Any, worker: ClientWorker, spec: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
-    import codec
+    """SLO hit rate of adaptive vs fixed-level fetches under seeded bandwidth traces, for two SLOs.
 
-    # The SLO: what the default level achieves on a steady 1 Gbit/s link (transfer + decode, median of 3).
-    link.set_rate(1000)
-    steady = [
-        worker.call("fetch", model="bench", level=codec.DEFAULT_LEVEL, **spec)["seconds"] for _ in range(3)
-    ]
-    slo = statistics.median(steady)
-    step = slo / 4
-    out: dict[str, Any] = {
-        "slo_seconds": slo,
-        "step_seconds": step,
-        "rates_mbit": [100, 200, 500, 1000, 2000],
+    ``floor``: the smallest level's TTFT on a steady link at the trace's lowest rate (median of 3), the
+    tightest SLO this link can promise without recompute. Adaptation must meet it while buying quality
+    above the smallest level whenever the link is faster; the fixed smallest level meets it with the
+    worst quality, the fixed default level misses it whenever slow slots come.
+
+    ``tight``: what the default level achieves on a steady 1 Gbit/s link. Slow slots make that
+    unreachable by streaming alone, so adaptive fetches may recompute chunks on the inference node at
+    ``--recompute-tps``: head chunks prefill while the rest streams, chunks marked later are prefilled
+    after it, and TTFT counts both.
+    """
+    from rich.console import Console
+    from rich.progress import track
+
+    import codec
+    from client.adaptation import RECOMPUTE
+
+    progress = Console(stderr=True)
+    smallest = max(codec.LEVELS)
+    chunk_tokens = spec["chunk_tokens"]
+
+    def steady_seconds(mbit: float, level: int) -> float:
+        link.set_rate(mbit)
+        return statistics.median(
+            worker.call("fetch", model="bench", level=level, **spec)["seconds"] for _ in range(3)
+        )
+
+    def ttft(r: dict[str, Any]) -> float:
+        head = next((i for i, lv in enumerate(r["levels"]) if lv != RECOMPUTE), len(r["levels"]))
+        late = sum(1 for lv in r["levels"][head:] if lv == RECOMPUTE)
+        per_chunk = chunk_tokens / args.recompute_tps
+        return float(max(r["seconds"], head * per_chunk) + late * per_chunk)
+
+    scenarios = {
+        "floor": (steady_seconds(min(TRACE_RATES_MBIT), smallest), {}),
+        "tight": (steady_seconds(1000, codec.DEFAULT_LEVEL), {"recompute_tps": args.recompute_tps}),
     }
-    for name, fields in (("adaptive", {"slo": slo}), ("fixed_default", {"level": codec.DEFAULT_LEVEL})):
-        runs = []
-        for i in range(args.trace_runs):
-            rates = _trace(i, 4 * slo, step)
-            link.set_rate(rates[0])
-            stop = threading.Event()
-            player = threading.Thread(target=_play, args=(link, rates, step, stop))
-            worker.send("fetch", model="bench", **fields, **spec)
-            player.start()
-            r = worker.read()
-            stop.set()
-            player.join()
-            runs.append({"seconds": r["seconds"], "levels": r["levels"], "trace_mbit": rates})
-        secs = [r["seconds"] for r in runs]
-        out[name] = {
-            "hit_rate": sum(s <= slo for s in secs) / len(secs),
-            "median_seconds": statistics.median(secs),
-            "runs": runs,
+    out: dict[str, Any] = {"rates_mbit": list(TRACE_RATES_MBIT), "recompute_tps": args.recompute_tps}
+    for scenario, (slo, recompute) in scenarios.items():
+        step = slo / 4
+        policies = {
+            "adaptive": {"slo": slo, **recompute},
+            "fixed_default": {"level": codec.DEFAULT_LEVEL},
+            "fixed_smallest": {"level": smallest},
         }
-        print(json.dumps({f"trace_{name}": {"hit_rate": out[name]["hit_rate"], "seconds": secs}}), flush=True)
+        row: dict[str, Any] = {"slo_seconds": slo, "step_seconds": step}
+        for name, fields in policies.items():
+            runs = []
+            label = f"trace {scenario} {name}"
+            for i in track(range(args.trace_runs), label, console=progress, transient=True):
+                rates = _trace(i, 4 * slo, step)
+                link.set_rate(rates[0])
+                stop = threading.Event()
+                player = threading.Thread(target=_play, args=(link, rates[1:], step, stop))
+                worker.send("fetch", model="bench", **fields, **spec)
+                player.start()
+                r = worker.read()
+                stop.set()
+                player.join()
+                runs.append(
+                    {"ttft": ttft(r), "seconds": r["seconds"], "levels": r["levels"], "nbytes": r["nbytes"]}
+                )
+            secs = [r["ttft"] for r in runs]
+            streamed = [lv for r in runs for lv in r["levels"] if lv != RECOMPUTE]
+            row[name] = {
+                "hit_rate": sum(s <= slo for s in secs) / len(secs),
+                "median_ttft": statistics.median(secs),
+                "median_bytes": statistics.median(r["nbytes"] for r in runs),
+                "mean_streamed_level": statistics.mean(streamed) if streamed else None,
+                "recomputed_chunk_fraction": 1 - len(streamed) / sum(len(r["levels"]) for r in runs),
+                "runs": runs,
+            }
+            brief = {k: v for k, v in row[name].items() if k != "runs"}
+            print(json.dumps({f"trace_{scenario}_{name}": brief, "slo_seconds": slo}), flush=True)
+        out[scenario] = row
     return out
 
 
@@ -442,7 +490,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--slo-fraction", type=float, default=0.3)
-    p.add_argument("--trace-runs", type=int, default=6)
+    p.add_argument("--trace-runs", type=int, default=20, help="seeded traces per SLO and policy")
+    p.add_argument(
+        "--recompute-tps", type=float, default=5000.0,
+        help="prefill tokens/s of the inference node, for the tight-SLO trace (CacheGen: 0.2 s/1000 tokens)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.command == "worker":
         asyncio.run(_worker_loop(args.server.split(","), sys.stdin, sys.stdout))
