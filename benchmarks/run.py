@@ -30,7 +30,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "ttft": (
         "benchmarks.ttft_bench",
         ["--json", "{json}", "--plot", "{out}/ttft_vs_bandwidth.png"],
-        ["--json", "{json}", "--tokens", "2048"],
+        ["--json", "{json}", "--tokens", "2048", "--repeats", "1", "--trace-runs", "4"],
     ),
     "sparse": ("benchmarks.sparse_bench", ["--json", "{json}"], ["--json", "{json}", "--tokens", "8192"]),
     "sparse_fidelity": (
