@@ -360,6 +360,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def recompute_split(levels: Sequence[int]) -> tuple[int, int]:
+    """``(head, late)`` recompute markers in a fetch's per-chunk ``levels``.
+
+    Head markers come before the first streamed chunk: the client prefills them while the rest streams.
+    Late ones come after it (a re-plan mid-stream): they need the KV before them, so they are prefilled
+    after the stream and add to the time to first token.
+    """
+    from client.adaptation import RECOMPUTE
+
+    head = next((i for i, lv in enumerate(levels) if lv != RECOMPUTE), len(levels))
+    return head, sum(1 for lv in levels[head:] if lv == RECOMPUTE)
+
+
 def _trace_runs(
     link: Any, worker: ClientWorker, spec: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -392,8 +405,7 @@ def _trace_runs(
         )
 
     def ttft(r: dict[str, Any]) -> float:
-        head = next((i for i, lv in enumerate(r["levels"]) if lv != RECOMPUTE), len(r["levels"]))
-        late = sum(1 for lv in r["levels"][head:] if lv == RECOMPUTE)
+        head, late = recompute_split(r["levels"])
         per_chunk = chunk_tokens / args.recompute_tps
         return float(max(r["seconds"], head * per_chunk) + late * per_chunk)
 

@@ -148,9 +148,11 @@ class AdaptivePlanner:
         smaller = [lvl for lvl in stored if lvl >= level]
         return smaller[0] if smaller else stored[-1]
 
-    def _network_seconds(self, first: int, levels: Sequence[int]) -> float:
+    def _network_seconds(self, first: int, levels: Sequence[int], bandwidth: float | None = None) -> float:
+        """Predicted seconds for chunks ``first..`` at ``levels`` (``bandwidth`` default: planning)."""
         idx = range(first, first + len(levels))
-        secs = sum(self._cost(i, lvl) for i, lvl in zip(idx, levels, strict=True) if lvl != RECOMPUTE)
+        pairs = zip(idx, levels, strict=True)
+        secs = sum(self._cost(i, lvl, bandwidth) for i, lvl in pairs if lvl != RECOMPUTE)
         return secs + (self._tail_reserve(levels[-1]) if levels else 0.0)
 
     def _uniform(self, first: int, time_left: float) -> list[int] | None:
@@ -177,11 +179,9 @@ class AdaptivePlanner:
         """
         floor = self.floor_bandwidth
         rest = [self._at(i, max(self.chunk_sizes[i])) for i in range(first + 1, first + len(levels))]
-        rest_seconds = sum(self._cost(first + 1 + j, lvl, floor) for j, lvl in enumerate(rest))
         stored = sorted(lvl for lvl in self.chunk_sizes[first] if lvl >= levels[0])
         for level in stored:
-            last = rest[-1] if rest else level
-            if self._cost(first, level, floor) + rest_seconds + self._tail_reserve(last) <= time_left:
+            if self._network_seconds(first, [level, *rest], floor) <= time_left:
                 return [level, *levels[1:]]
         return [stored[-1], *levels[1:]]
 

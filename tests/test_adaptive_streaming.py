@@ -39,6 +39,7 @@ from benchmarks.ttft_bench import (
     INT8_SUFFIX,
     SERVER_PORT,
     ClientWorker,
+    recompute_split,
     server_argv,
     synthetic_context,
     token_ids,
@@ -155,8 +156,7 @@ def test_too_little_bandwidth_falls_back_to_recompute(shaped: tuple[ShapedLink, 
 
     def late_recompute_chunks(res: Result) -> int:
         """Chunks marked after the head (a late re-plan) are prefilled after the stream: they count too."""
-        head = next(i for i, level in enumerate(res["levels"]) if level != RECOMPUTE)
-        return sum(1 for level in res["levels"][head:] if level == RECOMPUTE)
+        return recompute_split(res["levels"])[1]
 
     res = _first_within_slo(
         lambda: worker.call("fetch", model="t", slo=slo, hint_bps=hint, recompute_tps=tps, **SPEC),
