@@ -1,9 +1,10 @@
 """``kvctl du`` (logical bytes per namespace / model / level) and ``kvctl verify`` (re-read and decode).
 
 ``verify`` streams every chunk of each named context through ``StreamContext`` once per stored level,
-checks the end-to-end xxh3 of every blob, decodes it (which checks the codec checksum) and checks its
-shape, dtype and that it is finite. A chunk the server cannot serve (its envelope failed verification, it
-is missing, its record is corrupt) ends the stream early; verify reports it and resumes after it.
+from storage (``StreamStart.from_storage``: past the front end's hot-chunk cache), checks the end-to-end
+xxh3 of every blob, decodes it (which checks the codec checksum) and checks its shape, dtype and that it
+is finite. A chunk the server cannot serve (its envelope failed verification, it is missing, its record
+is corrupt) ends the stream early; verify reports it and resumes after it.
 
 Which contexts: ``--all`` walks every context of the namespace (``List``, then ``GetContext`` for each
 context's token ids); or one context by its token ids (``--tokens`` / ``--tokens-file``); or the
@@ -182,7 +183,12 @@ class Verifier:
 
         req = pb.StreamContextRequest(
             start=pb.StreamStart(
-                model=spec, token_ids=ids, start_chunk=start, policy=pb.LEVEL_POLICY_FIXED, level=level
+                model=spec,
+                token_ids=ids,
+                start_chunk=start,
+                policy=pb.LEVEL_POLICY_FIXED,
+                level=level,
+                from_storage=True,  # check what is stored, not the front end's cached copies
             )
         )
         expect, asm = start, _BlobAssembler()

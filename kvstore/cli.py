@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA bundle (PEM) that client certificates must chain to (mTLS)")
     p.add_argument("--max-data-streams", type=int, help="concurrent PutChunks + StreamContext calls (64)")
+    p.add_argument(
+        "--hot-cache-bytes", help="verified blobs kept in memory for repeat streams (default 256MiB; 0 = off)"
+    )
     p.add_argument("--config", default=os.environ.get("KVSTREAM_CONFIG"), help="YAML settings file")
     return parser
 
@@ -102,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,
         "max_data_streams": args.max_data_streams,
+        "hot_cache_bytes": args.hot_cache_bytes,
     }
     try:
         config = load_config(args.config, overrides=overrides)

@@ -38,6 +38,7 @@ class ServerConfig:
     health_interval: float = 5.0  # seconds between backend health probes
     grace_seconds: float = 5.0  # shutdown grace for in-flight RPCs
     max_data_streams: int = 64  # concurrent PutChunks + StreamContext calls (each buffers or streams blobs)
+    hot_cache_bytes: int = 256 << 20  # verified blobs kept in memory for repeat streams (0 = off)
     auth_tokens: str = ""  # token file (kvstore.auth); "" = no authentication
     tls_cert: str = ""  # server certificate chain (PEM); with tls_key enables TLS
     tls_key: str = ""  # server private key (PEM)
@@ -68,6 +69,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.hot_cache_bytes < 0:
+            raise ValueError(f"hot_cache_bytes must be >= 0 (0 = off), got {self.hot_cache_bytes}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:

@@ -64,6 +64,17 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.hot_cache_reads = Counter(
+            "kvstream_hot_cache_reads",
+            "Streaming-path blob reads answered by the front end's hot-chunk cache (hit) or storage (miss)",
+            ["result"],
+            registry=r,
+        )
+        self.hot_cache_bytes = Gauge(
+            "kvstream_hot_cache_bytes",
+            "Verified blob bytes held by the front end's hot-chunk cache",
+            registry=r,
+        )
         self.corrupt_records = Counter(
             "kvstream_corrupt_records",
             "Stored records that failed verification, by record kind",

@@ -663,9 +663,9 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
     # -- StreamContext ---------------------------------------------------------------------------
 
     async def _load(
-        self, model: ModelKey, info: pb.ChunkInfo, level: int, sidecars: Sequence[str]
+        self, model: ModelKey, info: pb.ChunkInfo, level: int, sidecars: Sequence[str], cached: bool
     ) -> _Loaded | None:
-        blob = await self.store.read_blob(model, info, level)
+        blob = await self.store.read_blob(model, info, level, cached=cached)
         if blob is None:
             return None
         extra = []
@@ -758,9 +758,10 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
         reports = asyncio.create_task(read_reports())
         sidecars = list(start.sidecars)
+        cached = not start.from_storage
 
         def load(pos: int, level: int) -> tuple[int, int, asyncio.Task[_Loaded | None]]:
-            return pos, level, asyncio.create_task(self._load(model, chunks[pos], level, sidecars))
+            return pos, level, asyncio.create_task(self._load(model, chunks[pos], level, sidecars, cached))
 
         sent, reason = 0, ""
         send_rate = 0.0  # bytes/s measured over the previous chunks (flow control included)
@@ -908,6 +909,7 @@ class KVStreamServer:
             metrics=self.metrics,
             max_blob_bytes=config.max_blob_bytes,
             max_context_chunks=config.max_context_chunks,
+            hot_cache_bytes=config.hot_cache_bytes,
         )
         self.health = health.aio.HealthServicer()
         self.port = 0

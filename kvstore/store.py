@@ -33,10 +33,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import xxhash
 
 import codec
 from kvstore.backends.base import StorageBackend
 from kvstore.envelope import CorruptRecord, Envelope, Kind, open_envelope, seal
+from kvstore.hotcache import HotChunkCache
 from kvstore.keys import DEFAULT_NAMESPACE, HASH_BYTES, InvalidKeyError, ModelKey, chunk_hashes, token_array
 from kvstore.metrics import Metrics
 from kvstore.rpc import pb
@@ -169,6 +171,8 @@ class ChunkStore:
 
     ``default_ttl`` (seconds) applies to unpinned contexts stored with ``ttl=None``/``0``.
     ``max_blob_bytes`` bounds one blob; ``max_context_chunks`` bounds the chunks of one context.
+    ``hot_cache_bytes`` > 0 keeps up to that many bytes of verified blobs in memory for ``read_blob``
+    (``kvstore.hotcache``: LRU, hits only under the digest the chunk's current record names).
     """
 
     def __init__(
@@ -179,6 +183,7 @@ class ChunkStore:
         metrics: Metrics | None = None,
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
         max_context_chunks: int = DEFAULT_MAX_CONTEXT_CHUNKS,
+        hot_cache_bytes: int = 0,
     ) -> None:
         if not default_ttl > 0:
             raise ValueError(f"default_ttl must be > 0, got {default_ttl}")
@@ -187,6 +192,7 @@ class ChunkStore:
         self.metrics = metrics if metrics is not None else Metrics()
         self.max_blob_bytes = max_blob_bytes
         self.max_context_chunks = max_context_chunks
+        self.hot_cache = HotChunkCache(hot_cache_bytes)
 
     # ----- coordination -------------------------------------------------------------------------
 
@@ -382,9 +388,12 @@ class ChunkStore:
         new_by_ttl: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
         old_by_ttl: dict[float | None, list[str]] = defaultdict(list)
         bytes_written = 0
+        kept: set[tuple[int, int]] = set()  # (chunk, level) blobs already stored: their bytes stay
         for (i, key, kind, lv, data), exists in zip(blob_items, present, strict=True):
             if exists:
                 old_by_ttl[chunk_ttl[i]].append(key)
+                if kind == Kind.CHUNK:
+                    kept.add((i, lv))
                 continue
             codec_id = codec.inspect(data).codec_id if kind == Kind.CHUNK else 0
             env = Envelope(kind, model.model_id, data, codec_id=codec_id, level=lv)
@@ -408,15 +417,20 @@ class ChunkStore:
         total_bytes = 0
         n = model.chunk_tokens
         for i, (h, ch, old) in enumerate(zip(hashes, chunks, old_recs, strict=True)):
-            sizes = {lv.level: lv.size_bytes for lv in old.levels} if old else {}
-            sizes.update({lv: len(b) for lv, b in ch.levels.items()})
+            sizes = {lv.level: (lv.size_bytes, lv.xxh3_64) for lv in old.levels} if old else {}
+            for lv, b in ch.levels.items():
+                if (i, lv) not in kept or lv not in sizes:  # a blob kept from an earlier put keeps its digest
+                    sizes[lv] = (len(b), xxhash.xxh3_64_intdigest(b))
             sidecars = sorted(set(old.sidecars if old else ()) | set(ch.sidecars))
             info = pb.ChunkInfo(
                 index=i,
                 hash=h,
                 token_start=i * n,
                 token_end=(i + 1) * n,
-                levels=[pb.LevelInfo(level=lv, size_bytes=sz) for lv, sz in sorted(sizes.items())],
+                levels=[
+                    pb.LevelInfo(level=lv, size_bytes=sz, xxh3_64=digest)
+                    for lv, (sz, digest) in sorted(sizes.items())
+                ],
                 sidecars=sidecars,
             )
             key = rec_keys[i]
@@ -491,9 +505,21 @@ class ChunkStore:
         self.metrics.lookup_chunks.labels("miss").inc(len(hashes) - len(found))
         return LookupResult(model.chunk_tokens, found)
 
-    async def read_blob(self, model: ModelKey, info: pb.ChunkInfo, level: int) -> bytes | None:
-        """The verified codec blob of chunk ``info`` at ``level``; None when missing or corrupt."""
+    async def read_blob(
+        self, model: ModelKey, info: pb.ChunkInfo, level: int, *, cached: bool = True
+    ) -> bytes | None:
+        """The verified codec blob of chunk ``info`` at ``level``; None when missing or corrupt.
+
+        ``cached=False`` reads storage even if the hot-chunk cache holds the blob (integrity checks).
+        """
         key = blob_key(model.namespace, info.hash, level)
+        digest = next((lv.xxh3_64 for lv in info.levels if lv.level == level), 0)
+        if cached and self.hot_cache.max_bytes:
+            hit = self.hot_cache.get(key, digest)
+            self.metrics.hot_cache_reads.labels("miss" if hit is None else "hit").inc()
+            if hit is not None:
+                self.metrics.chunk_reads.labels("hit").inc()
+                return hit
         raw = await self.backend.get(key)
         if raw is None:
             self.metrics.chunk_reads.labels("miss").inc()
@@ -513,6 +539,9 @@ class ChunkStore:
                 self._corrupt(key, Kind.CHUNK, str(e))
                 body = None
         self.metrics.chunk_reads.labels("hit" if body is not None else "corrupt").inc()
+        if body is not None and self.hot_cache.max_bytes and digest == xxhash.xxh3_64_intdigest(body):
+            self.hot_cache.put(key, digest, body)
+            self.metrics.hot_cache_bytes.set(self.hot_cache.stats().bytes)
         return body
 
     async def read_sidecar(self, model: ModelKey, info: pb.ChunkInfo, name: str) -> bytes | None:
@@ -590,6 +619,8 @@ class ChunkStore:
             keys = _chunk_keys(ns, h, rec.sidecars if rec else ())
             if refs_left == 0:
                 await self.backend.delete_many(keys)
+                for key in keys:
+                    self.hot_cache.discard(key)
                 return True
             if man.info.pinned and pins_left == 0:
                 await self.backend.set_ttl(keys, self.default_ttl)

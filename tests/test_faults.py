@@ -313,9 +313,9 @@ async def test_partition_from_one_shard(cluster: LocalCluster) -> None:
         seeds = [ClusterNode(HOST, n.port) for n in live if n is not target]
         client = RedisCluster(startup_nodes=seeds, address_remap=remap, socket_timeout=30)
         backend = ClusterBackend(cluster.url, client, node_timeout=0.5)  # well inside the 1.5 s deadline
-        server = KVStreamServer(
-            ServerConfig(listen="127.0.0.1:0", health_interval=0.2, grace_seconds=0.1), backend=backend
-        )
+        # No hot-chunk cache: it would serve the repeat fetches below from memory, past the partition.
+        config = ServerConfig(listen="127.0.0.1:0", health_interval=0.2, grace_seconds=0.1, hot_cache_bytes=0)
+        server = KVStreamServer(config, backend=backend)
         await server.start()
         try:
             # Slow client link with shallow buffers (proxy, no HTTP/2 window growth), so the server reads

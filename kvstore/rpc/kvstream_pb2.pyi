@@ -140,19 +140,25 @@ class LevelInfo(_message.Message):
 
     LEVEL_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    XXH3_64_FIELD_NUMBER: _builtins.int
     level: _builtins.int
     """codec level: 0 = lossless, 1.. = lossy, higher = smaller"""
     size_bytes: _builtins.int
     """size of the encoded blob at this level"""
+    xxh3_64: _builtins.int
+    """xxh3_64 of the stored blob at this level (0 = not recorded: records written before it existed).
+    Front ends cache verified blobs only under the digest their chunk record names.
+    """
     def __init__(
         self,
         *,
         level: _builtins.int = ...,
         size_bytes: _builtins.int = ...,
+        xxh3_64: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "size_bytes", b"size_bytes", "xxh3_64", b"xxh3_64"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -473,6 +479,7 @@ class StreamStart(_message.Message):
     DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     BANDWIDTH_HINT_BPS_FIELD_NUMBER: _builtins.int
     BANDWIDTH_FLOOR_BPS_FIELD_NUMBER: _builtins.int
+    FROM_STORAGE_FIELD_NUMBER: _builtins.int
     start_chunk: _builtins.int
     """resume: first chunk to send"""
     max_chunks: _builtins.int
@@ -494,6 +501,10 @@ class StreamStart(_message.Message):
     """throughput of the last stream (bytes/s), first estimate"""
     bandwidth_floor_bps: _builtins.float
     """slowest recent per-chunk throughput (bytes/s): what a bet"""
+    from_storage: _builtins.bool
+    """on one large chunk must survive
+    read every blob from storage, not the front end's hot-chunk cache
+    """
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
     @_builtins.property
@@ -521,10 +532,11 @@ class StreamStart(_message.Message):
         decode_tokens_per_second: _builtins.float = ...,
         bandwidth_hint_bps: _builtins.float = ...,
         bandwidth_floor_bps: _builtins.float = ...,
+        from_storage: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk_hashes", b"chunk_hashes", "model", b"model", "query", b"query", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_floor_bps", b"bandwidth_floor_bps", "bandwidth_hint_bps", b"bandwidth_hint_bps", "chunk_hashes", b"chunk_hashes", "decode_tokens_per_second", b"decode_tokens_per_second", "level", b"level", "max_chunks", b"max_chunks", "max_part_bytes", b"max_part_bytes", "model", b"model", "policy", b"policy", "query", b"query", "recompute_tokens_per_second", b"recompute_tokens_per_second", "sidecars", b"sidecars", "slo_ms", b"slo_ms", "start_chunk", b"start_chunk", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_floor_bps", b"bandwidth_floor_bps", "bandwidth_hint_bps", b"bandwidth_hint_bps", "chunk_hashes", b"chunk_hashes", "decode_tokens_per_second", b"decode_tokens_per_second", "from_storage", b"from_storage", "level", b"level", "max_chunks", b"max_chunks", "max_part_bytes", b"max_part_bytes", "model", b"model", "policy", b"policy", "query", b"query", "recompute_tokens_per_second", b"recompute_tokens_per_second", "sidecars", b"sidecars", "slo_ms", b"slo_ms", "start_chunk", b"start_chunk", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["token_ids", "chunk_hashes"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
