@@ -682,7 +682,6 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         info = loaded.info
         out = []
         for sidecar, blob in [("", loaded.blob), *loaded.sidecars]:
-            view = memoryview(blob)
             offsets = range(0, max(len(blob), 1), part_bytes)
             for off in offsets:
                 last = off + part_bytes >= len(blob)
@@ -694,7 +693,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                             sidecar=sidecar,
                             total_size=len(blob),
                             offset=off,
-                            data=bytes(view[off : off + part_bytes]),
+                            data=blob[off : off + part_bytes],  # a one-part blob is not copied here
                             xxh3_64=xxhash.xxh3_64_intdigest(blob) if last else 0,
                             last=last,
                             token_start=info.token_start,
