@@ -40,22 +40,37 @@ def encode(kv: torch.Tensor, level: int) -> bytes:
     raise CodecError(f"unknown level {level!r}; levels are {LEVELS}")
 
 
-def decode(blob: bytes | bytearray | memoryview, device: str | torch.device = "cpu") -> torch.Tensor:
+def decode(
+    blob: bytes | bytearray | memoryview, device: str | torch.device = "cpu", out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Decode a blob into a tensor with the shape and dtype it was encoded from, on ``device``.
 
-    Verifies the checksum first; raises :class:`CodecError` for anything malformed.
+    ``out``: a CPU tensor of the blob's shape and dtype to decode into (then returned), e.g. the token
+    slice ``ctx[:, :, a:b]`` of a preallocated context tensor; a lossy blob is decoded straight into it
+    when each ``[layer, kv]`` block of ``out`` is contiguous, anything else is decoded then copied.
+    Verifies the checksum first; raises :class:`CodecError` for anything malformed (a blob with a forged
+    checksum may leave ``out`` partly written).
     """
     info = container.verify(blob)
+    if out is not None and (
+        tuple(out.shape) != info.shape or out.dtype != info.dtype or out.device.type != "cpu"
+    ):
+        raise CodecError(
+            f"out is {out.dtype} {tuple(out.shape)} on {out.device}; the blob decodes to "
+            f"{info.dtype} {info.shape} on the CPU"
+        )
     mv = memoryview(blob)
     params = mv[info.params_offset : info.params_offset + info.params_len]
     payload = mv[info.payload_offset : info.payload_offset + info.payload_len]
     if info.codec_id == CODEC_ZSTD:
         if info.params_len:
             raise CodecError("lossless blob with a non-empty parameter section")
-        out = lossless.decode(payload, info.shape, info.dtype)
+        x = lossless.decode(payload, info.shape, info.dtype)
+    elif out is not None and out[0, 0].is_contiguous():  # every [layer, kv] block has the same strides
+        return lossy.decode(params, payload, info.level, info.shape, info.dtype, out)
     else:
-        out = lossy.decode(params, payload, info.level, info.shape, info.dtype)
-    return out.to(device)
+        x = lossy.decode(params, payload, info.level, info.shape, info.dtype)
+    return x.to(device) if out is None else out.copy_(x)
 
 
 def inspect(blob: bytes | bytearray | memoryview) -> container.BlobInfo:

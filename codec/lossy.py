@@ -320,8 +320,13 @@ def parse_params(params: memoryview, shape: tuple[int, ...]) -> tuple[int, np.nd
 
 
 def decode(params: memoryview, payload: memoryview, level: int, shape: tuple[int, ...],
-           dtype: torch.dtype) -> torch.Tensor:
-    """Decode a lossy payload into ``shape`` ``[L, 2, T, H, D]`` of ``dtype``."""
+           dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode a lossy payload into ``shape`` ``[L, 2, T, H, D]`` of ``dtype``.
+
+    ``out``: a CPU tensor of that shape and dtype whose ``[l, kv]`` blocks are each contiguous (a token
+    slice of a context tensor is); the segments are decoded straight into it. A stream found corrupt
+    part-way leaves the segments before it written.
+    """
     n_layers, _, t, _, _ = shape
     w, delta, lengths, width, mu = parse_params(params, shape)
     if int(lengths.sum()) != len(payload) or (lengths < 4 * w).any() or ((lengths - 4 * w) % 2).any():
@@ -331,19 +336,20 @@ def decode(params: memoryview, payload: memoryview, level: int, shape: tuple[int
     words = np.zeros(len(payload) // 2 + 4 * w, dtype=np.uint16)
     words.view(np.uint8)[: len(payload)] = np.frombuffer(payload, dtype=np.uint8)
     s_count, c = mu.shape
+    result = torch.empty(shape, dtype=dtype) if out is None else out
     if dtype == torch.float32:
-        out = np.empty((s_count, t, c), dtype=np.float32)
+        dst = result.numpy()
     else:  # decode a segment into float32 scratch, then round it to 16 bits in numba (cache-resident)
-        out = np.empty((s_count, t, c), dtype=np.uint16)
+        dst = result.view(torch.int16).numpy().view(np.uint16)
         scratch = np.empty((t, c), dtype=np.float32)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) // 2
     for s in range(s_count):
+        seg = dst[s // 2, s % 2].reshape(t, c)  # segment s = 2*layer + kv; a view (blocks are contiguous)
         nw = int(lengths[s] - 4 * w) // 2
         rc = rans.decode_segment(words, int(starts[s]), nw, w, tid[s], sbits[s], t, rans.DEC, mu[s],
-                                 delta[s], out[s] if dtype == torch.float32 else scratch)
+                                 delta[s], seg if dtype == torch.float32 else scratch)
         if rc != 0:
             raise CodecError(f"segment {s}: corrupt entropy-coded stream (code {rc})")
         if dtype != torch.float32:
-            _narrow(scratch.view(np.uint32), dtype == torch.bfloat16, out[s])
-    res = torch.from_numpy(out)
-    return (res if dtype == torch.float32 else res.view(torch.int16).view(dtype)).reshape(shape)
+            _narrow(scratch.view(np.uint32), dtype == torch.bfloat16, seg)
+    return result

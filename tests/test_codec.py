@@ -159,8 +159,11 @@ def test_bad_inputs() -> None:
         codec.encode(good, 5)
     with pytest.raises(codec.CodecError):
         codec.encode(torch.zeros(1, 2, 0, 1, 8), 0)
-    for dtype, value in ((torch.float32, float("nan")), (torch.float16, float("inf")),
-                         (torch.bfloat16, float("nan"))):
+    for dtype, value in (
+        (torch.float32, float("nan")),
+        (torch.float16, float("inf")),
+        (torch.bfloat16, float("nan")),
+    ):
         bad = good.clone().to(dtype)
         bad[0, 1, 2, 0, 3] = value
         with pytest.raises(codec.CodecError):
@@ -179,6 +182,23 @@ def test_context_round_trip() -> None:
     assert lossy_full.shape == (2, 2, 64, 2, 8)
     with pytest.raises(codec.CodecError):
         codec.decode_context([chunks[0][0], codec.encode(_kv((1, 2, 4, 1, 8)), 0)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("level", [0, 1, 4])
+def test_decode_into_a_token_slice_of_a_context(dtype: torch.dtype, level: int) -> None:
+    kv = _kv((3, 2, 40, 2, 8), seed=5, dtype=dtype)
+    blob = codec.encode(kv[:, :, 16:32], level)
+    ctx = torch.full((3, 2, 40, 2, 8), 7.0, dtype=dtype)
+    got = codec.decode(blob, out=ctx[:, :, 16:32])
+    assert got.data_ptr() == ctx[:, :, 16:32].data_ptr()
+    assert torch.equal(ctx[:, :, 16:32], codec.decode(blob))  # bit-identical to a plain decode
+    assert (ctx[:, :, :16] == 7).all() and (ctx[:, :, 32:] == 7).all()  # nothing outside the slice
+    strided = torch.zeros(3, 2, 16, 8, 2, dtype=dtype).transpose(3, 4)  # blocks not contiguous: copied
+    assert torch.equal(codec.decode(blob, out=strided), codec.decode(blob))
+    for bad in (ctx[:, :, 16:31], ctx[:, :, 16:32].double(), torch.empty(3, 2, 16, 2, 8, dtype=torch.int16)):
+        with pytest.raises(codec.CodecError, match="out is"):
+            codec.decode(blob, out=bad)
 
 
 def test_model_tables_are_pinned() -> None:
@@ -249,6 +269,7 @@ def test_width_refinement_never_costs_bits() -> None:
     n, states = rans.encode_segment(d, tid, sbits, w, rans.FREQ, rans.CUM, buf)
     words = np.concatenate([states.view(np.uint16), buf[n - 1 :: -1], np.zeros(4 * w, dtype=np.uint16)])
     out = np.empty((t, c), dtype=np.float32)
-    rc = rans.decode_segment(words, 0, n, w, tid, sbits, t, rans.DEC, np.zeros(c, dtype=np.int64),
-                             np.float32(1.0), out)
+    rc = rans.decode_segment(
+        words, 0, n, w, tid, sbits, t, rans.DEC, np.zeros(c, dtype=np.int64), np.float32(1.0), out
+    )
     assert rc == 0 and np.array_equal(out, d.astype(np.float32))
