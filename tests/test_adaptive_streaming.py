@@ -51,8 +51,9 @@ from deploy.netshape import NetShapeUnavailable, ShapedLink, check_available
 from deploy.tcp_proxy import TcpProxy
 from kvstore.backends import open_backend
 from kvstore.config import ServerConfig
-from kvstore.keys import ModelKey
+from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.server import KVStreamServer
+from kvstore.store import blob_key
 
 SHAPE = (4, 4, 64)  # layers, kv_heads, head_dim
 CHUNK = 256
@@ -240,6 +241,27 @@ async def test_cut_stream_resumes_on_the_other_front_end_bit_exact(
         want = codec.decode(blob[report.level])
         got = adaptive.kv[:, :, 64 * report.index : 64 * (report.index + 1)]
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), report
+
+
+async def test_a_short_stream_returns_its_verified_prefix_as_one_compact_tensor(
+    two_front_ends: tuple[KVStreamServer, KVStreamServer],
+) -> None:
+    srv, _ = two_front_ends
+    model = ModelKey("t", chunk_tokens=64)
+    ids = token_ids(512, 0)
+    blobs = codec.encode_context(synthetic_context(512, 64, SHAPE), 64, (0,))
+    async with AsyncKVCacheClient(srv.address) as c:
+        await c.store(model, ids, blobs=blobs)
+        full = await c.fetch(model, ids, level=0)
+        # Chunk 5's blob vanishes after the lookup can still see its record: the stream ends after 5.
+        gone = blob_key(model.namespace, chunk_hashes(model, ids)[5], 0)
+        await srv.backend.delete_many([gone])
+        srv.store.hot_cache.discard(gone)  # the first fetch left it in this front end's cache
+        short = await c.fetch(model, ids, level=0)
+    assert full.kv is not None and full.kv.shape[2] == 512 and full.kv.is_contiguous()
+    assert short.truncated and short.prefix_tokens == 320 and short.kv is not None
+    assert short.kv.shape[2] == 320 and short.kv.is_contiguous()  # not a view of the 8-chunk buffer
+    assert torch.equal(short.kv.view(torch.int16), full.kv[:, :, :320].view(torch.int16))
 
 
 async def test_the_slowest_recent_goodput_holds_large_chunks_back(

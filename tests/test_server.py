@@ -423,10 +423,10 @@ def _slow_reads(server: KVStreamServer, delay: float) -> list[int]:
     reads: list[int] = []
     real = server.store.read_blob
 
-    async def slow(model: ModelKey, info: pb.ChunkInfo, level: int) -> bytes | None:
+    async def slow(model: ModelKey, info: pb.ChunkInfo, level: int, *, cached: bool = True) -> bytes | None:
         reads.append(info.index)
         await asyncio.sleep(delay)
-        return await real(model, info, level)
+        return await real(model, info, level, cached=cached)
 
     server.store.read_blob = slow  # type: ignore[method-assign]
     return reads
