@@ -52,6 +52,7 @@ from kvstore.store import (
     LimitExceeded,
     NamespaceBusy,
     PutResult,
+    QuotaExceeded,
     check_context_name,
     check_sidecar_name,
 )
@@ -616,22 +617,31 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
         async def commit_put() -> PutResult:
             async with contextlib.AsyncExitStack() as stack:
+                budget: int | None = None
                 if quota:
                     # Check + commit must be atomic across *all* front ends sharing the store, or two
                     # uploads that each fit could both pass the check. The local lock keeps this
                     # process's waiters off the backend's lease key.
                     await stack.enter_async_context(self._quota_locks[model.namespace])
                     await stack.enter_async_context(self.store.namespace_lease(model.namespace))
-                    await self._check_quota(model.namespace, hashes[-1], call.bytes_in, quota)
-                return await self.store.put(
-                    model,
-                    list(header.token_ids.ids),
-                    chunks,
-                    ttl=ttl,
-                    pin=header.pin,
-                    name=header.name,
-                    metadata=metadata,
-                )
+                    budget = await self._quota_left(model.namespace, hashes[-1], quota)
+                try:
+                    return await self.store.put(
+                        model,
+                        list(header.token_ids.ids),
+                        chunks,
+                        ttl=ttl,
+                        pin=header.pin,
+                        name=header.name,
+                        metadata=metadata,
+                        byte_budget=budget,
+                    )
+                except QuotaExceeded as e:
+                    raise LimitExceeded(
+                        f"namespace {model.namespace!r} quota exceeded: {quota - e.budget} bytes stored in"
+                        f" other contexts + {e.total_bytes} in this one > quota_bytes {quota};"
+                        " nothing was stored"
+                    ) from None
 
         # Once validated, the commit runs to completion even if the client goes away: a half-written
         # commit would leave chunk records without their manifest.
@@ -645,20 +655,16 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             dedup_chunks=res.dedup_chunks,
         )
 
-    async def _check_quota(self, namespace: str, context_id: bytes, incoming: int, quota: int) -> None:
-        """Raise ``LimitExceeded`` if storing ``incoming`` bytes takes ``namespace`` over ``quota``.
+    async def _quota_left(self, namespace: str, context_id: bytes, quota: int) -> int:
+        """Bytes the context ``context_id`` may hold without taking ``namespace`` over ``quota``.
 
-        Usage is the ``total_bytes`` of the namespace's committed contexts (a chunk shared by several
-        contexts counts in each: conservative), not counting the context being re-put, which is replaced.
-        The caller holds the namespace's lease, so no other front end commits in between.
+        Usage is the ``total_bytes`` of the namespace's other committed contexts (a chunk shared by
+        several contexts counts in each: conservative); the context's own manifest after the put is
+        checked against the rest by ``ChunkStore.put``. The caller holds the namespace's lease, so no
+        other front end commits in between.
         """
         infos = await self.store.list_contexts(namespace, limit=_ALL_CONTEXTS)
-        used = sum(i.total_bytes for i in infos if i.context_id != context_id)
-        if used + incoming > quota:
-            raise LimitExceeded(
-                f"namespace {namespace!r} quota exceeded: {used} bytes stored + {incoming} uploaded"
-                f" > quota_bytes {quota}; nothing was stored"
-            )
+        return quota - sum(i.total_bytes for i in infos if i.context_id != context_id)
 
     # -- StreamContext ---------------------------------------------------------------------------
 

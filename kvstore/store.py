@@ -67,6 +67,15 @@ class LimitExceeded(RuntimeError):
     """The request is larger than a configured limit (maps to RESOURCE_EXHAUSTED)."""
 
 
+class QuotaExceeded(LimitExceeded):
+    """A put would leave its context with ``total_bytes`` above the ``budget`` it was given."""
+
+    def __init__(self, total_bytes: int, budget: int) -> None:
+        super().__init__(f"the context would hold {total_bytes} bytes, {budget} are left")
+        self.total_bytes = total_bytes
+        self.budget = budget
+
+
 class NamespaceBusy(RuntimeError):
     """Another front end held the namespace lease for longer than we may wait (maps to UNAVAILABLE)."""
 
@@ -119,6 +128,32 @@ def _chunk_keys(ns: str, chunk_hash: bytes, sidecars: Iterable[str]) -> list[str
     keys = [blob_key(ns, chunk_hash, lv) for lv in codec.LEVELS]
     keys += [sidecar_key(ns, chunk_hash, s) for s in sidecars]
     return [*keys, record_key(ns, chunk_hash), refs_key(ns, chunk_hash), pins_key(ns, chunk_hash)]
+
+
+def _context_bytes(
+    old_man: pb.Manifest | None, old_recs: Sequence[pb.ChunkInfo | None], chunks: Sequence[ChunkBlobs]
+) -> tuple[dict[int, int], int]:
+    """``(bytes per level, total bytes)`` of a context's manifest after a put of ``chunks``.
+
+    A first put counts what it uploads. A re-put starts from the stored manifest and adds only the
+    levels and sidecars the chunk records did not list yet: re-sending stored blobs (a retry) adds
+    nothing, and storing levels one put at a time cannot hide bytes from a quota.
+    """
+    level_bytes: dict[int, int] = defaultdict(int)
+    sidecar_bytes = 0
+    if old_man is not None:
+        for info in old_man.info.level_bytes:
+            level_bytes[info.level] = info.size_bytes
+        sidecar_bytes = old_man.info.total_bytes - sum(level_bytes.values())
+    for ch, old in zip(chunks, old_recs, strict=True):
+        had = old if old_man is not None and old is not None else None
+        have_levels = {info.level for info in had.levels} if had else set()
+        have_sidecars = set(had.sidecars) if had else set()
+        for lv, b in ch.levels.items():
+            if lv not in have_levels:
+                level_bytes[lv] += len(b)
+        sidecar_bytes += sum(len(d) for s, d in ch.sidecars.items() if s not in have_sidecars)
+    return dict(level_bytes), sum(level_bytes.values()) + sidecar_bytes
 
 
 # ----- values -------------------------------------------------------------------------------------
@@ -343,11 +378,15 @@ class ChunkStore:
         pin: bool = False,
         name: str = "",
         metadata: Mapping[str, str] | None = None,
+        byte_budget: int | None = None,
     ) -> PutResult:
         """Store and commit a context: one ``ChunkBlobs`` per full chunk of ``token_ids``, in order.
 
         ``ttl`` in seconds (None/0 = ``default_ttl``); ``pin`` stores every key without expiry.
-        Idempotent; blobs already stored are not rewritten (dedup) but their TTL is refreshed.
+        Idempotent; blobs already stored are not rewritten (dedup) but their TTL is refreshed. A re-put
+        adds to the context: its manifest then counts the levels and sidecars of both puts, and keeps
+        its creation time. ``byte_budget``: the most ``total_bytes`` the context may have after this put
+        (a quota); ``QuotaExceeded`` before anything is written otherwise.
         """
         ns = model.namespace
         hashes = self.context_hashes(model, token_ids)
@@ -373,6 +412,9 @@ class ChunkStore:
             self._parse_record(k, r, h, i)
             for i, (k, r, h) in enumerate(zip(rec_keys, old_recs_raw, hashes, strict=True))
         ]
+        level_bytes, total_bytes = _context_bytes(old_man, old_recs, chunks)
+        if byte_budget is not None and total_bytes > byte_budget:
+            raise QuotaExceeded(total_bytes, byte_budget)
 
         # 1. blobs: write the missing ones, refresh the TTL of the others.
         blob_items = [
@@ -413,8 +455,6 @@ class ChunkStore:
 
         # 3. chunk records (merged with what an earlier writer recorded), 4. manifest, 5. name.
         recs_by_ttl: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
-        level_bytes: dict[int, int] = defaultdict(int)
-        total_bytes = 0
         n = model.chunk_tokens
         for i, (h, ch, old) in enumerate(zip(hashes, chunks, old_recs, strict=True)):
             sizes = {lv.level: (lv.size_bytes, lv.xxh3_64) for lv in old.levels} if old else {}
@@ -437,9 +477,6 @@ class ChunkStore:
             recs_by_ttl[chunk_ttl[i]].append(
                 (key, seal(key, Envelope(Kind.CHUNK_RECORD, model.model_id, info.SerializeToString())))
             )
-            for lv, b in ch.levels.items():
-                level_bytes[lv] += len(b)
-            total_bytes += sum(len(b) for b in ch.levels.values()) + sum(len(b) for b in ch.sidecars.values())
         for t, items in recs_by_ttl.items():
             await self.backend.put_many(items, t)
 
@@ -457,7 +494,7 @@ class ChunkStore:
                 pinned=pin,
                 # Stored form: the configured TTL (-1 = put pinned); GetContext reports the remaining one.
                 ttl_seconds=-1.0 if pin and not ttl else ttl_s,
-                created_unix=time.time(),
+                created_unix=old_man.info.created_unix if old_man else time.time(),
                 metadata=dict(metadata or {}),
             ),
             chunk_hashes=hashes,

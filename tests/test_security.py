@@ -306,8 +306,17 @@ async def test_quota_rejects_uploads_that_would_exceed_it(auth_server: KVStreamS
         second = await q.store(model, [500 + i for i in range(64)], _kv(64, seed=2), levels=[0])
         used = first.bytes_written + second.bytes_written
         assert used <= QUOTA < used + first.bytes_written - 500  # the test's premise: a third one cannot fit
-        again = await q.store(model, IDS[:64], _kv(64, seed=1), levels=[0])  # a re-put replaces, not adds
+        again = await q.store(model, IDS[:64], _kv(64, seed=1), levels=[0])  # a retry adds nothing
         assert again.dedup_chunks == 1
+        # Adding levels one put at a time counts every level: the quota cannot be walked around.
+        refused = []
+        for level in (1, 2, 3, 4):
+            try:
+                await q.store(model, IDS[:64], _kv(64, seed=1), levels=[level])
+            except KVStreamError as e:
+                assert e.code == Code.RESOURCE_EXHAUSTED and "quota" in e.message
+                refused.append(level)
+        assert refused and sum(c.total_bytes for c in await q.ls()) <= QUOTA
         third_ids = [1000 + i for i in range(64)]
         with pytest.raises(KVStreamError) as err:
             await q.store(model, third_ids, _kv(64, seed=3), levels=[0])

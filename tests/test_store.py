@@ -22,6 +22,7 @@ from kvstore.store import (
     ContextQuery,
     InvalidRequest,
     NamespaceBusy,
+    QuotaExceeded,
     blob_key,
     lease_key,
     manifest_key,
@@ -236,6 +237,29 @@ async def test_levels_and_sidecars_accumulate(store: ChunkStore, model: ModelKey
     (chunk,) = (await store.lookup(model, ids)).chunks
     assert [lv.level for lv in chunk.levels] == [0, 2] and list(chunk.sidecars) == ["sparse.idx"]
     assert await store.read_sidecar(model, chunk, "sparse.idx") == b"\x01\x02"
+
+
+async def test_a_reput_adds_to_the_manifest_and_a_budget_refuses_before_writing(
+    store: ChunkStore, model: ModelKey
+) -> None:
+    ids = list(range(2 * N))
+    kv = _kv(2 * N)
+    lossless, lossy = _blobs(kv, (0,)), _blobs(kv, (2,))
+    size = {lv: sum(len(c.levels[lv]) for c in blobs) for lv, blobs in ((0, lossless), (2, lossy))}
+    await store.put(model, ids, lossless)
+    first = await store.get_context(model, ContextQuery(token_ids=ids))
+    await store.put(model, ids, lossy)  # another level in a second put: counted, not replacing level 0
+    await store.put(model, ids, lossless)  # a retry of stored blobs adds nothing
+    info = await store.get_context(model, ContextQuery(token_ids=ids))
+    assert {lv.level: lv.size_bytes for lv in info.level_bytes} == size
+    assert info.total_bytes == size[0] + size[2] and info.created_unix == first.created_unix
+    keys = await _keys(store.backend, model)
+    more = _blobs(kv, (4,))
+    with pytest.raises(QuotaExceeded) as err:
+        await store.put(model, ids, more, byte_budget=info.total_bytes + 1)
+    assert err.value.total_bytes == info.total_bytes + sum(len(c.levels[4]) for c in more)
+    assert await _keys(store.backend, model) == keys  # nothing written
+    await store.put(model, ids, lossless, byte_budget=info.total_bytes)  # a retry fits exactly
 
 
 async def test_list_and_stat_by_namespace(store: ChunkStore, model: ModelKey) -> None:
