@@ -619,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.connection = connection(args)
     except UsageError as e:
         return _fail(str(e), EXIT_USAGE)
-    client = args.connection.client()
+    client = args.connection.client() if getattr(args, "needs_client", True) else None
     try:
         args.fn(args, client)
     except UsageError as e:
@@ -633,7 +633,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # input the client library rejected (e.g. a KV dtype / shape it cannot encode)
         return _fail(str(e), EXIT_USAGE)
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     return 0
 
 

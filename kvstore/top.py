@@ -209,4 +209,4 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--iterations", type=int, help="stop after N refreshes (default: until Ctrl-C)")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    p.set_defaults(fn=cmd_top)
+    p.set_defaults(fn=cmd_top, needs_client=False)  # reads /metrics only: no gRPC channel
