@@ -6,13 +6,16 @@ for ``--seconds`` each with ``--streams`` concurrent streams:
 
 * ``direct``: each request is one redis-py cluster pipeline of ``GET`` on every blob key of a context
   (the bytes the front end would read), xxh3 of each value computed like the gRPC client does;
-* ``fe1``: ``StreamContext`` fetches, all streams on one front end;
-* ``fe3``: the same, streams spread round robin over three front ends.
+* ``ceiling``: the same fetches against ``benchmarks.grpc_ceiling``, a stand-in front end that streams
+  the blobs from memory (no lookup, storage read or verification): what Python gRPC alone costs here;
+* ``fe1``: ``StreamContext`` fetches, all streams on one front end (hot-chunk cache on, the default);
+* ``fe1_nocache``: the same on a front end started with ``--hot-cache-bytes 0``: every blob from Redis;
+* ``fe3``: the same as ``fe1``, streams spread round robin over three front ends.
 
-Reports median MB/s (blob bytes, 1e6), ``scaling = fe3 / fe1``, ``overhead = direct / fe1 - 1`` (time
-the front end adds per byte; target <= 0.20), p50/p99 chunk latency, and the CPU seconds each group of
-processes used per phase: with few cores the load generator, the front ends and Redis share them, so the
-scaling ratio is capped by CPU, not by the design::
+Reports median MB/s (blob bytes, 1e6), ``scaling = fe3 / fe1``, ``overhead = direct / fe - 1`` (time
+the front end adds per byte; target <= 0.20) for each front-end phase and for the ceiling, p50/p99 chunk
+latency, and the CPU seconds each group of processes used per phase: with few cores the load generator,
+the front ends and Redis share them, so the scaling ratio is capped by CPU, not by the design::
 
     python -m benchmarks.scaling_bench [--seconds 15] [--streams 16] [--reps 3] [--json out.json]
 """
@@ -36,6 +39,7 @@ import xxhash
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from benchmarks.soak import MODEL, Context, LoadResult, load_contexts, make_contexts, run_load, testbed
+from deploy.launch import ServerProcess
 from deploy.redis_cluster import HOST, LocalCluster
 from kvstore.keys import chunk_hashes
 from kvstore.store import blob_key
@@ -96,21 +100,34 @@ async def run_direct(
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     contexts = make_contexts(args.contexts, args.chunks, args.seed)
-    runs: dict[str, list[dict[str, Any]]] = {"direct": [], "fe1": [], "fe3": []}
-    with testbed(3) as (cluster, procs):
+    phases = ("direct", "ceiling", "fe1", "fe1_nocache", "fe3")
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in phases}
+    data_args = ["--contexts", str(args.contexts), "--chunks", str(args.chunks), "--seed", str(args.seed)]
+    no_cache_args = ["--log-level", "WARNING", "--hot-cache-bytes", "0"]
+    with (
+        testbed(3) as (cluster, procs),
+        ServerProcess(cluster.url, extra_args=no_cache_args) as nocache,
+        ServerProcess(module="benchmarks.grpc_ceiling", extra_args=data_args) as ceiling,
+    ):
         addrs = [p.address for p in procs]
+        targets = {
+            "ceiling": [ceiling.address],
+            "fe1": addrs[:1],
+            "fe1_nocache": [nocache.address],
+            "fe3": addrs,
+        }
         await load_contexts(addrs[0], contexts)
-        fe_pids = [p.proc.pid for p in procs if p.proc is not None]
+        # CPU columns: the three front ends, the no-cache front end, the ceiling stand-in
+        fe_pids = [p.proc.pid for p in (*procs, nocache, ceiling) if p.proc is not None]
         redis_pids = [n.proc.pid for n in cluster.nodes]
         kw = {"streams": args.streams, "seconds": args.seconds, "max_requests": args.max_requests}
         for rep in range(args.reps):
-            for phase in ("direct", "fe1", "fe3"):
+            for phase in phases:
                 cpu0 = ([_cpu_s(p) for p in fe_pids], sum(_cpu_s(p) for p in redis_pids), _self_cpu_s())
                 if phase == "direct":
                     res = await run_direct(cluster, contexts, **kw)
                 else:
-                    targets = addrs[:1] if phase == "fe1" else addrs
-                    res = await run_load(targets, contexts, seed=rep, **kw)
+                    res = await run_load(targets[phase], contexts, seed=rep, **kw)
                 fe_cpu = [_cpu_s(p) - c for p, c in zip(fe_pids, cpu0[0], strict=True)]
                 summary = res.summary()
                 summary["cpu_s"] = {
@@ -148,8 +165,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             p: {"p50": med(p, "chunk_latency_ms", "p50"), "p99": p99[p]} for p in runs
         },
         "scaling_fe3_over_fe1": round(mbps["fe3"] / mbps["fe1"], 3),
-        "overhead_fe1_vs_direct": round(mbps["direct"] / mbps["fe1"] - 1, 3),
-        "overhead_fe3_vs_direct": round(mbps["direct"] / mbps["fe3"] - 1, 3),
+        # time added per byte over direct Redis reads; the ceiling's is what Python gRPC alone adds here
+        **{f"overhead_{p}_vs_direct": round(mbps["direct"] / mbps[p] - 1, 3) for p in phases[1:]},
+        "fe1_of_ceiling": round(mbps["fe1"] / mbps["ceiling"], 3),
         "errors": sum(sum(r["errors"].values()) for rs in runs.values() for r in rs),
         "runs": runs,
     }
@@ -162,13 +180,14 @@ def plot(report: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["direct", "fe1", "fe3"]
-    labels = ["direct redis-py", "1 front end", "3 front ends"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.bar(labels, [report["median_MBps"][n] for n in names], color=["grey", "tab:blue", "tab:green"])
+    names = ["direct", "ceiling", "fe1", "fe1_nocache", "fe3"]
+    labels = ["direct\nredis-py", "gRPC from\nmemory", "1 front end", "1 FE,\nno cache", "3 front\nends"]
+    colors = ["grey", "silver", "tab:blue", "lightsteelblue", "tab:green"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.bar(labels, [report["median_MBps"][n] for n in names], color=colors)
     ax1.set_ylabel("aggregate fetch MB/s (median)")
     ax2.bar(labels, [report["median_chunk_latency_ms"][n]["p99"] for n in names],
-            color=["grey", "tab:blue", "tab:green"])  # fmt: skip
+            color=colors)  # fmt: skip
     ax2.set_ylabel("p99 chunk latency (ms)")
     cpus = report.get("host", {}).get("cpus", "?")
     fig.suptitle(f"Scale-out over a 3+3 Redis Cluster ({cpus} CPU cores shared by everything)")

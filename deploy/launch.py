@@ -35,11 +35,14 @@ class ServerProcess:
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         ready_timeout: float = 60.0,
+        module: str = "kvstore",
     ) -> None:
+        """``module`` is run as ``python -m module serve --listen host:port ...`` (benchmarks start
+        stand-in servers this way)."""
         self.host = host
         self.port = port or free_port(host)
         self.address = f"{host}:{self.port}"
-        argv = [sys.executable, "-m", "kvstore", "serve", "--listen", self.address, *extra_args]
+        argv = [sys.executable, "-m", module, "serve", "--listen", self.address, *extra_args]
         if backend:
             argv += ["--backend", backend]
         self.argv = argv
