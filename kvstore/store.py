@@ -547,7 +547,8 @@ class ChunkStore:
     ) -> bytes | None:
         """The verified codec blob of chunk ``info`` at ``level``; None when missing or corrupt.
 
-        ``cached=False`` reads storage even if the hot-chunk cache holds the blob (integrity checks).
+        ``cached=False`` reads storage even if the hot-chunk cache holds the blob, and leaves the cache as
+        it is (integrity checks).
         """
         key = blob_key(model.namespace, info.hash, level)
         digest = next((lv.xxh3_64 for lv in info.levels if lv.level == level), 0)
@@ -576,7 +577,13 @@ class ChunkStore:
                 self._corrupt(key, Kind.CHUNK, str(e))
                 body = None
         self.metrics.chunk_reads.labels("hit" if body is not None else "corrupt").inc()
-        if body is not None and self.hot_cache.max_bytes and digest == xxhash.xxh3_64_intdigest(body):
+        # A read past the cache (an integrity scan) does not fill it: a scan would flush the hot set.
+        if (
+            cached
+            and body is not None
+            and self.hot_cache.max_bytes
+            and digest == xxhash.xxh3_64_intdigest(body)
+        ):
             self.hot_cache.put(key, digest, body)
             self.metrics.hot_cache_bytes.set(self.hot_cache.stats().bytes)
         return body

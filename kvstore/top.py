@@ -69,6 +69,7 @@ def snapshot(cur: Scrape, prev: Scrape | None = None) -> dict[str, Any]:
     """The figures ``top`` shows; ``rates`` is None without a previous scrape."""
     lookups = cur.by("kvstream_lookup_chunks_total", "result")
     reads = cur.by("kvstream_chunk_reads_total", "result")
+    hot = cur.by("kvstream_hot_cache_reads_total", "result")
     level_bytes = cur.by("kvstream_sent_level_bytes_total", "level")
     served = sum(level_bytes.values())
     requests = cur.by("kvstream_requests_total", "method")
@@ -76,6 +77,8 @@ def snapshot(cur: Scrape, prev: Scrape | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "lookup_hit_rate": _ratio(lookups.get("hit", 0.0), sum(lookups.values())),
         "read_hit_rate": _ratio(reads.get("hit", 0.0), sum(reads.values())),
+        "hot_cache_hit_rate": _ratio(hot.get("hit", 0.0), sum(hot.values())),
+        "hot_cache_bytes": int(cur.total("kvstream_hot_cache_bytes")),
         "bytes_served": int(cur.total("kvstream_sent_bytes_total")),
         "bytes_received": int(cur.total("kvstream_received_bytes_total")),
         "level_mix": {
@@ -128,6 +131,10 @@ def render(snap: dict[str, Any], url: str) -> Any:
     for k, v in (
         ("lookup hit rate (chunks)", pct(snap["lookup_hit_rate"])),
         ("read hit rate (blobs)", pct(snap["read_hit_rate"])),
+        (
+            "hot-chunk cache (hits, held)",
+            f"{pct(snap['hot_cache_hit_rate'])}, {_human_bytes(snap['hot_cache_bytes'])}",
+        ),
         ("bytes served", _human_bytes(snap["bytes_served"])),
         ("bytes served / s", _human_bytes(rates["bytes_served_per_s"]) + "/s" if rates else "-"),
         ("bytes received", _human_bytes(snap["bytes_received"])),

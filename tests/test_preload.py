@@ -159,7 +159,8 @@ async def test_preload_verify_du_top(live: KVStreamServer, docs: Path, model_pat
     assert abs(sum(snap["level_mix"].values()) - 1) < 1e-3
     assert 0 < snap["lookup_hit_rate"] <= 1 and snap["requests"]["PutChunks"] == 6
     assert snap["rates"] is not None and snap["rates"]["seconds"] > 0
-    assert top_table[0] == 0 and "lookup hit rate" in top_table[1]
+    assert top_table[0] == 0 and "lookup hit rate" in top_table[1] and "hot-chunk cache" in top_table[1]
+    assert snap["hot_cache_bytes"] == 0  # verify read every blob past the cache without filling it
 
 
 async def test_errors_are_one_line(
@@ -229,6 +230,11 @@ kvstream_lookup_chunks_total{{result="hit"}} 30
 kvstream_lookup_chunks_total{{result="miss"}} 10
 # TYPE kvstream_store_evictions gauge
 kvstream_store_evictions 7
+# TYPE kvstream_hot_cache_reads counter
+kvstream_hot_cache_reads_total{{result="hit"}} 9
+kvstream_hot_cache_reads_total{{result="miss"}} 3
+# TYPE kvstream_hot_cache_bytes gauge
+kvstream_hot_cache_bytes 4096
 """
 
 
@@ -238,6 +244,7 @@ def test_snapshot_from_metrics_text() -> None:
     snap = snapshot(cur, prev)
     assert snap["lookup_hit_rate"] == 0.75 and snap["read_hit_rate"] is None
     assert snap["level_mix"] == {"1": 0.75, "4": 0.25} and snap["evictions"] == 7
+    assert (snap["hot_cache_hit_rate"], snap["hot_cache_bytes"]) == (0.75, 4096)
     assert snap["requests"] == {"Lookup": 30, "StreamContext": 4} and snap["errors"] == 1
     assert snap["rates"]["requests_per_s"] == {"Lookup": 10.0, "StreamContext": 0.0}
     assert snap["rates"]["bytes_served_per_s"] == 500.0
