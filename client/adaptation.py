@@ -122,7 +122,8 @@ class AdaptivePlanner:
 
     @property
     def floor_bandwidth(self) -> float:
-        """The slowest recent throughput (bytes/s): samples, the client's floor, ``planning_bandwidth``."""
+        """The slowest recent throughput (bytes/s): samples, ``planning_bandwidth`` and the client's floor
+        (without one, the first estimate ``bandwidth_bps``, for the whole stream)."""
         return min(self.planning_bandwidth, self._prior_floor, *self._samples)
 
     def observe_decode(self, seconds: float) -> None:
