@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import statistics
 import threading
 import time
@@ -202,6 +203,12 @@ class AsyncKVCacheClient:
     Security: ``token`` is sent as ``authorization: Bearer <token>`` on every call. ``tls_ca`` (PEM path
     of the CA that signed the server certificate) switches to TLS; ``tls_cert`` + ``tls_key`` add a
     client certificate for servers that require mutual TLS. Without any of them the channel is plaintext.
+
+    Routing: calls go round robin over ``addresses``. With ``route_by_prefix=True`` a fetch goes first to
+    the front end that rendezvous hashing picks for its model and first chunk of tokens (then on through
+    the others in that fixed order if it fails), so every worker fetching contexts that start alike asks
+    the same front end, and the front ends' hot-chunk caches hold different hot sets instead of each
+    holding all of them. The price: one front end serves every fetch of a very hot prefix.
     """
 
     FLOOR_MEMORY_SECONDS = 60.0  # how long a slow per-chunk goodput keeps ``bandwidth_floor`` down
@@ -218,8 +225,10 @@ class AsyncKVCacheClient:
         tls_ca: str | Path | None = None,
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
+        route_by_prefix: bool = False,
     ) -> None:
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        self.route_by_prefix = route_by_prefix
         if not self.addresses:
             raise ValueError("at least one server address is required")
         if (tls_cert is None) != (tls_key is None):
@@ -274,8 +283,14 @@ class AsyncKVCacheClient:
             )
         return pb_grpc.KVStreamStub(ch)
 
-    def _rotation(self) -> list[str]:
-        """Addresses starting with the next one in round-robin order (spreads load over front ends)."""
+    def _rotation(self, key: bytes | None = None) -> list[str]:
+        """Addresses in the order to try them: by rendezvous hashing of ``key`` when given (the same key
+        always gets the same order; adding or removing a front end moves only the keys it wins or held),
+        else starting with the next one in round-robin order (spreads load over front ends)."""
+        if key is not None:
+            return sorted(
+                self.addresses, key=lambda a: hashlib.blake2b(key + a.encode()).digest(), reverse=True
+            )
         start = self._next % len(self.addresses)
         self._next += 1
         return self.addresses[start:] + self.addresses[:start]
@@ -476,7 +491,11 @@ class AsyncKVCacheClient:
         t0 = time.perf_counter()
         state = _FetchState(mk.chunk_tokens, device, on_recompute)
         last: KVStreamError | None = None
-        for address in self._rotation():
+        route = None
+        if self.route_by_prefix:
+            head = token_array(token_ids)[: mk.chunk_tokens]
+            route = mk.salt() + head.tobytes() if head.size == mk.chunk_tokens else None
+        for address in self._rotation(route):
             start.start_chunk = state.next_chunk
             if slo is not None:
                 # A resumed stream gets the time that is left (at least 1 ms: the server then sends the
@@ -621,12 +640,10 @@ class _FetchState:
         n_layers, _, tokens, heads, dim = info.shape
         if tokens != self.chunk_tokens or index >= self._capacity:
             return None
+        want = (n_layers, 2, self._capacity * tokens, heads, dim)
         if self._context is None:
-            total = self._capacity * tokens
-            self._context = torch.empty(n_layers, 2, total, heads, dim, dtype=info.dtype, device=self.device)
-        elif self._context.shape[3:] != info.shape[3:] or self._context.shape[0] != n_layers or (
-            self._context.dtype != info.dtype
-        ):
+            self._context = torch.empty(want, dtype=info.dtype, device=self.device)
+        elif tuple(self._context.shape) != want or self._context.dtype != info.dtype:
             return None
         return self._context[:, :, index * tokens : (index + 1) * tokens]
 

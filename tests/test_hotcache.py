@@ -9,9 +9,12 @@ import torch
 import xxhash
 
 import codec
+from client import AsyncKVCacheClient
 from kvstore.backends import StorageBackend, open_backend
+from kvstore.config import ServerConfig
 from kvstore.hotcache import HotChunkCache
 from kvstore.keys import ModelKey
+from kvstore.server import KVStreamServer
 from kvstore.store import ChunkBlobs, ChunkStore, ContextQuery, blob_key
 
 N = 16
@@ -112,3 +115,43 @@ def test_hot_cache_setting() -> None:
     assert load_config(env={}, overrides={"hot_cache_bytes": args.hot_cache_bytes}).hot_cache_bytes == 0
     with pytest.raises(ValueError, match="hot_cache_bytes"):
         ServerConfig(hot_cache_bytes=-1).validate()
+
+
+def _hits(server: KVStreamServer, result: str = "hit") -> float:
+    return _reads(server.store, result)
+
+
+async def test_prefix_routing_keeps_a_context_on_one_front_end() -> None:
+    """Three front ends over one store: with ``route_by_prefix`` every fetch of a context asks the same
+    one, so its cache hits from the second fetch on; round robin spreads the fetches and every front end
+    misses once."""
+    backend = open_backend("memory://")
+    config = ServerConfig(listen="127.0.0.1:0", grace_seconds=0.1, hot_cache_bytes=1 << 20)
+    servers = [KVStreamServer(config, backend=backend) for _ in range(3)]
+    for srv in servers:
+        await srv.start()
+    model = ModelKey("m", chunk_tokens=N)
+    contexts = [[1000 * c + t for t in range(2 * N)] for c in range(24)]
+    addresses = [srv.address for srv in servers]
+    try:
+        async with AsyncKVCacheClient(addresses, route_by_prefix=True) as routed:
+            for c, ids in enumerate(contexts):
+                await routed.store(model, ids, blobs=[{0: b.levels[0]} for b in _chunks(c)])
+            for _ in range(3):
+                assert (await routed.fetch(model, contexts[0], level=0)).prefix_tokens == 2 * N
+            assert sorted(_hits(s) for s in servers) == [0, 0, 4]  # 2 repeat fetches x 2 chunks, one FE
+            assert sum(_hits(s, "miss") for s in servers) == 2  # the first fetch
+            for ids in contexts[1:]:
+                await routed.fetch(model, ids, level=0)
+            assert sum(_hits(s, "miss") > 2 for s in servers) >= 2  # different prefixes spread out
+        async with AsyncKVCacheClient(addresses) as round_robin:
+            before = [_hits(s, "miss") for s in servers]
+            for _ in range(3):
+                await round_robin.fetch(model, contexts[5], level=0)
+            new_misses = [_hits(s, "miss") - b for s, b in zip(servers, before, strict=True)]
+            # three fetches, three front ends: the two that never served this context miss once each
+            assert sorted(new_misses) == [0, 2, 2]
+    finally:
+        for srv in servers:
+            await srv.stop(0)
+        await backend.close()
