@@ -665,6 +665,7 @@ class ChunkStore:
                 await self.backend.delete_many(keys)
                 for key in keys:
                     self.hot_cache.discard(key)
+                self.metrics.hot_cache_bytes.set(self.hot_cache.stats().bytes)
                 return True
             if man.info.pinned and pins_left == 0:
                 await self.backend.set_ttl(keys, self.default_ttl)

@@ -100,8 +100,12 @@ async def test_corrupt_blobs_are_not_cached_and_delete_frees_entries() -> None:
     assert store.hot_cache.stats().entries == 0
     good = (await store.lookup(model, ids)).chunks[1]
     assert await store.read_blob(model, good, 0) is not None and store.hot_cache.stats().entries == 1
+    assert store.metrics.registry.get_sample_value("kvstream_hot_cache_bytes") == len(
+        await store.read_blob(model, good, 0) or b""
+    )
     await store.delete(model, ContextQuery(token_ids=ids))
     assert store.hot_cache.stats().entries == 0
+    assert store.metrics.registry.get_sample_value("kvstream_hot_cache_bytes") == 0
     await backend.close()
 
 
