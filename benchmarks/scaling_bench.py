@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -100,25 +101,34 @@ async def run_direct(
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     contexts = make_contexts(args.contexts, args.chunks, args.seed)
-    phases = ("direct", "ceiling", "fe1", "fe1_nocache", "fe3")
+    phases = ("direct", "ceiling", "fe1", "fe1_nocache", "fe3", "fe3_small_cache", "fe3_small_cache_routed")
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in phases}
     data_args = ["--contexts", str(args.contexts), "--chunks", str(args.chunks), "--seed", str(args.seed)]
-    no_cache_args = ["--log-level", "WARNING", "--hot-cache-bytes", "0"]
-    with (
-        testbed(3) as (cluster, procs),
-        ServerProcess(cluster.url, extra_args=no_cache_args) as nocache,
-        ServerProcess(module="benchmarks.grpc_ceiling", extra_args=data_args) as ceiling,
-    ):
+    working_set = sum(c.nbytes for c in contexts)
+    with contextlib.ExitStack() as stack:
+        cluster, procs = stack.enter_context(testbed(3))
+
+        def front_end(cache_bytes: int) -> ServerProcess:
+            flags = ["--log-level", "WARNING", "--hot-cache-bytes", str(cache_bytes)]
+            return stack.enter_context(ServerProcess(cluster.url, extra_args=flags))
+
+        nocache = front_end(0)
+        # Front ends whose caches hold half the working set each: round robin makes each of them cache
+        # everything (and miss half the time); prefix routing splits the contexts between them.
+        small = [front_end(working_set // 2) for _ in range(3)]
+        ceiling = stack.enter_context(ServerProcess(module="benchmarks.grpc_ceiling", extra_args=data_args))
         addrs = [p.address for p in procs]
         targets = {
             "ceiling": [ceiling.address],
             "fe1": addrs[:1],
             "fe1_nocache": [nocache.address],
             "fe3": addrs,
+            "fe3_small_cache": [p.address for p in small],
+            "fe3_small_cache_routed": [p.address for p in small],
         }
         await load_contexts(addrs[0], contexts)
-        # CPU columns: the three front ends, the no-cache front end, the ceiling stand-in
-        fe_pids = [p.proc.pid for p in (*procs, nocache, ceiling) if p.proc is not None]
+        # CPU columns: the three front ends, the no-cache one, the three small-cache ones, the ceiling
+        fe_pids = [p.proc.pid for p in (*procs, nocache, *small, ceiling) if p.proc is not None]
         redis_pids = [n.proc.pid for n in cluster.nodes]
         kw = {"streams": args.streams, "seconds": args.seconds, "max_requests": args.max_requests}
         for rep in range(args.reps):
@@ -127,7 +137,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 if phase == "direct":
                     res = await run_direct(cluster, contexts, **kw)
                 else:
-                    res = await run_load(targets[phase], contexts, seed=rep, **kw)
+                    routed = phase.endswith("_routed")
+                    res = await run_load(targets[phase], contexts, seed=rep, route_by_prefix=routed, **kw)
                 fe_cpu = [_cpu_s(p) - c for p, c in zip(fe_pids, cpu0[0], strict=True)]
                 summary = res.summary()
                 summary["cpu_s"] = {
@@ -168,6 +179,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         # time added per byte over direct Redis reads; the ceiling's is what Python gRPC alone adds here
         **{f"overhead_{p}_vs_direct": round(mbps["direct"] / mbps[p] - 1, 3) for p in phases[1:]},
         "fe1_of_ceiling": round(mbps["fe1"] / mbps["ceiling"], 3),
+        "prefix_routing_gain": round(mbps["fe3_small_cache_routed"] / mbps["fe3_small_cache"], 3),
+        "small_cache_bytes": working_set // 2,
         "errors": sum(sum(r["errors"].values()) for rs in runs.values() for r in rs),
         "runs": runs,
     }
@@ -180,10 +193,13 @@ def plot(report: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["direct", "ceiling", "fe1", "fe1_nocache", "fe3"]
-    labels = ["direct\nredis-py", "gRPC from\nmemory", "1 front end", "1 FE,\nno cache", "3 front\nends"]
-    colors = ["grey", "silver", "tab:blue", "lightsteelblue", "tab:green"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = ["direct", "ceiling", "fe1", "fe1_nocache", "fe3", "fe3_small_cache", "fe3_small_cache_routed"]
+    labels = [
+        "direct\nredis-py", "gRPC from\nmemory", "1 FE", "1 FE,\nno cache", "3 FEs", "3 FEs,\n1/2 cache",
+        "3 FEs, 1/2\ncache, routed",
+    ]  # fmt: skip
+    colors = ["grey", "silver", "tab:blue", "lightsteelblue", "tab:green", "palegreen", "tab:olive"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.2))
     ax1.bar(labels, [report["median_MBps"][n] for n in names], color=colors)
     ax1.set_ylabel("aggregate fetch MB/s (median)")
     ax2.bar(labels, [report["median_chunk_latency_ms"][n]["p99"] for n in names],
@@ -202,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int, default=1_000_000, help="per phase")
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--contexts", type=int, default=8)
+    ap.add_argument("--contexts", type=int, default=16, help="working set = contexts x chunks x ~222 KB")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the JSON report to this file")

@@ -33,6 +33,7 @@ import torch
 import xxhash
 
 import codec
+from client.api import prefix_route_key, rendezvous_order
 from deploy.launch import ServerProcess
 from deploy.redis_cluster import LocalCluster, redis_cluster
 from kvstore.keys import ModelKey
@@ -167,10 +168,19 @@ async def run_load(
     seconds: float,
     max_requests: int,
     seed: int = 0,
+    route_by_prefix: bool = False,
 ) -> LoadResult:
-    """``streams`` concurrent fetch loops, stream ``i`` on ``addresses[i % n]``; bounded in time and count."""
+    """``streams`` concurrent fetch loops, stream ``i`` on ``addresses[i % n]`` (with ``route_by_prefix``:
+    each fetch on the front end the client's prefix routing picks for its context); bounded in time and
+    count."""
     channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTS) for a in addresses]
     stubs = [pb_grpc.KVStreamStub(ch) for ch in channels]
+    routed: dict[int, pb_grpc.KVStreamStub] = {}
+    if route_by_prefix:
+        for ctx in contexts:
+            key = prefix_route_key(MODEL, ctx.ids)
+            assert key is not None
+            routed[id(ctx)] = stubs[list(addresses).index(rendezvous_order(addresses, key)[0])]
     res = LoadResult(0.0, 0, 0, [])
     budget = [max_requests]
     t0 = time.perf_counter()
@@ -183,7 +193,8 @@ async def run_load(
             budget[0] -= 1
             ctx = rng.choice(contexts)
             try:
-                n = await fetch_raw(stub, ctx, res.latencies)  # not `res.bytes += await`: lost updates
+                # not `res.bytes += await ...`: lost updates
+                n = await fetch_raw(routed.get(id(ctx), stub), ctx, res.latencies)
                 res.bytes += n
                 res.requests += 1
             except FetchError as e:

@@ -133,6 +133,19 @@ def _raise(err: grpc.aio.AioRpcError) -> KVStreamError:
     return KVStreamError(err.code(), err.details() or "")
 
 
+def prefix_route_key(model: ModelKey, token_ids: Sequence[int] | np.ndarray | torch.Tensor) -> bytes | None:
+    """The routing key of a fetch under ``route_by_prefix``: the model's salt and its first chunk of
+    tokens (``None`` when there is no full chunk)."""
+    head = token_array(np.asarray(token_ids))[: model.chunk_tokens]
+    return model.salt() + head.tobytes() if head.size == model.chunk_tokens else None
+
+
+def rendezvous_order(addresses: Sequence[str], key: bytes) -> list[str]:
+    """``addresses`` by rendezvous (highest-random-weight) hashing of ``key``: the same key always gets
+    the same order, and adding or removing an address moves only the keys it wins or held."""
+    return sorted(addresses, key=lambda a: hashlib.blake2b(key + a.encode()).digest(), reverse=True)
+
+
 class _BlobAssembler:
     """Reassembles ``ChunkData`` parts into whole blobs and checks their end-to-end checksum."""
 
@@ -284,13 +297,10 @@ class AsyncKVCacheClient:
         return pb_grpc.KVStreamStub(ch)
 
     def _rotation(self, key: bytes | None = None) -> list[str]:
-        """Addresses in the order to try them: by rendezvous hashing of ``key`` when given (the same key
-        always gets the same order; adding or removing a front end moves only the keys it wins or held),
-        else starting with the next one in round-robin order (spreads load over front ends)."""
+        """Addresses in the order to try them: ``rendezvous_order`` of ``key`` when given, else starting
+        with the next one in round-robin order (spreads load over front ends)."""
         if key is not None:
-            return sorted(
-                self.addresses, key=lambda a: hashlib.blake2b(key + a.encode()).digest(), reverse=True
-            )
+            return rendezvous_order(self.addresses, key)
         start = self._next % len(self.addresses)
         self._next += 1
         return self.addresses[start:] + self.addresses[:start]
@@ -491,10 +501,7 @@ class AsyncKVCacheClient:
         t0 = time.perf_counter()
         state = _FetchState(mk.chunk_tokens, device, on_recompute)
         last: KVStreamError | None = None
-        route = None
-        if self.route_by_prefix:
-            head = token_array(token_ids)[: mk.chunk_tokens]
-            route = mk.salt() + head.tobytes() if head.size == mk.chunk_tokens else None
+        route = prefix_route_key(mk, token_ids) if self.route_by_prefix else None
         for address in self._rotation(route):
             start.start_chunk = state.next_chunk
             if slo is not None:
