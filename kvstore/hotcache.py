@@ -54,9 +54,13 @@ class HotChunkCache:
         self._hits += 1
         return entry[1]
 
+    def admits(self, nbytes: int) -> bool:
+        """Whether a blob of ``nbytes`` would be kept (check before hashing a blob only to store it)."""
+        return self.max_bytes > 0 and nbytes <= self.max_bytes // 8
+
     def put(self, key: str, digest: int, blob: bytes) -> bool:
         """Keep ``blob`` (already verified to hash to ``digest``); returns whether it was kept."""
-        if not digest or len(blob) > self.max_bytes // 8:
+        if not digest or not self.admits(len(blob)):
             return False
         self.discard(key)
         self._entries[key] = (digest, blob)

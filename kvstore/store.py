@@ -581,7 +581,7 @@ class ChunkStore:
         if (
             cached
             and body is not None
-            and self.hot_cache.max_bytes
+            and self.hot_cache.admits(len(body))  # no hashing of blobs the cache would not keep
             and digest == xxhash.xxh3_64_intdigest(body)
         ):
             self.hot_cache.put(key, digest, body)
