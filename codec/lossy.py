@@ -336,11 +336,13 @@ def decode(params: memoryview, payload: memoryview, level: int, shape: tuple[int
     words = np.zeros(len(payload) // 2 + 4 * w, dtype=np.uint16)
     words.view(np.uint8)[: len(payload)] = np.frombuffer(payload, dtype=np.uint8)
     s_count, c = mu.shape
-    result = torch.empty(shape, dtype=dtype) if out is None else out
+    if out is None:  # numpy memory: glibc reuses freed blocks, torch.empty hands out fresh pages to fault in
+        host = np.empty(shape, dtype=np.float32 if dtype == torch.float32 else np.int16)
+        out = torch.from_numpy(host).view(dtype)
     if dtype == torch.float32:
-        dst = result.numpy()
+        dst = out.numpy()
     else:  # decode a segment into float32 scratch, then round it to 16 bits in numba (cache-resident)
-        dst = result.view(torch.int16).numpy().view(np.uint16)
+        dst = out.view(torch.int16).numpy().view(np.uint16)
         scratch = np.empty((t, c), dtype=np.float32)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) // 2
     for s in range(s_count):
@@ -352,4 +354,4 @@ def decode(params: memoryview, payload: memoryview, level: int, shape: tuple[int
             raise CodecError(f"segment {s}: corrupt entropy-coded stream (code {rc})")
         if dtype != torch.float32:
             _narrow(scratch.view(np.uint32), dtype == torch.bfloat16, seg)
-    return result
+    return out
