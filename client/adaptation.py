@@ -66,6 +66,11 @@ class AdaptivePlanner:
         bandwidth_weight: how many of those samples ``bandwidth_bps`` counts as at the start (a
             measured estimate from earlier streams deserves more trust than a default).
         bandwidth_floor_bps: the slowest throughput the client saw on earlier streams (bytes/s), if known.
+        max_level: the coarsest level the caller accepts (``None``: any stored level). Levels above it are
+            never planned: when the finer ones cannot meet the SLO, chunks are recomputed instead (if
+            ``recompute_seconds`` is given) or the SLO is missed (``Plan.fits`` false), never met by
+            handing out KV the caller considers too lossy. A chunk storing no level within the cap
+            keeps its finest stored level (the closest to it).
     """
 
     def __init__(
@@ -79,6 +84,7 @@ class AdaptivePlanner:
         window: int = 5,
         bandwidth_weight: int = 1,
         bandwidth_floor_bps: float | None = None,
+        max_level: int | None = None,
     ) -> None:
         if slo_seconds <= 0:
             raise ValueError("slo_seconds must be positive")
@@ -88,9 +94,9 @@ class AdaptivePlanner:
             raise ValueError("need 1 <= bandwidth_weight <= window")
         if bandwidth_floor_bps is not None and not bandwidth_floor_bps > 0:
             raise ValueError("bandwidth_floor_bps must be positive")
-        self.chunk_sizes = [dict(s) for s in chunk_sizes]
-        if any(not s for s in self.chunk_sizes):
+        if any(not s for s in chunk_sizes):
             raise ValueError("every chunk needs at least one stored level")
+        self.chunk_sizes = [_within(s, max_level) for s in chunk_sizes]
         self.slo = slo_seconds
         self.bandwidth = float(bandwidth_bps)
         self._prior_floor = bandwidth_floor_bps or float(bandwidth_bps)
@@ -227,6 +233,15 @@ class AdaptivePlanner:
     def choose(self, index: int, elapsed_seconds: float) -> int:
         """Level (or ``RECOMPUTE``) for chunk ``index``, ``elapsed_seconds`` after the stream started."""
         return self.plan(index, self.slo - elapsed_seconds).levels[0]
+
+
+def _within(sizes: Mapping[int, int], max_level: int | None) -> dict[int, int]:
+    """``sizes`` restricted to levels ``<= max_level``; the finest stored level if none is."""
+    if max_level is None:
+        return dict(sizes)
+    allowed = {lvl: n for lvl, n in sizes.items() if lvl <= max_level}
+    finest = min(sizes)
+    return allowed or {finest: sizes[finest]}
 
 
 def measure_prefill_tokens_per_second(model: Llama2c, tokens: int | None = None, repeats: int = 3) -> float:

@@ -458,6 +458,7 @@ class AsyncKVCacheClient:
         *,
         slo: float | None = None,
         level: int | None = None,
+        max_level: int | None = None,
         device: str | torch.device = "cpu",
         max_chunks: int = 0,
         recompute_tokens_per_second: float = 0.0,
@@ -469,7 +470,8 @@ class AsyncKVCacheClient:
 
         Without ``slo`` every chunk comes at ``level`` (default ``codec.DEFAULT_LEVEL``; the server falls
         back to the nearest stored level). With ``slo`` (seconds, for the whole call) the server picks
-        each chunk's level adaptively to finish in time (``LEVEL_POLICY_ADAPTIVE``) and, if
+        each chunk's level adaptively to finish in time (``LEVEL_POLICY_ADAPTIVE``), never coarser than
+        ``max_level`` if given (e.g. ``codec.DEFAULT_LEVEL``: the quality the caller accepts), and, if
         ``recompute_tokens_per_second`` (local prefill speed, see
         ``client.adaptation.measure_prefill_tokens_per_second``) is given, may mark chunks *recompute*:
         they carry no bytes, their token ranges are listed in ``FetchResult.recompute`` and their KV
@@ -488,6 +490,8 @@ class AsyncKVCacheClient:
             raise ValueError("slo must be a positive number of seconds")
         if not recompute_tokens_per_second >= 0:
             raise ValueError("recompute_tokens_per_second must be >= 0")
+        if max_level is not None and max_level not in codec.LEVELS:
+            raise ValueError(f"max_level must be one of the codec levels {list(codec.LEVELS)}")
         mk = self.model(model)
         start = pb.StreamStart(
             model=model_to_pb(mk),
@@ -497,6 +501,7 @@ class AsyncKVCacheClient:
             max_chunks=max_chunks,
             max_part_bytes=self.part_bytes,
             recompute_tokens_per_second=recompute_tokens_per_second,
+            max_level=max_level,
         )
         t0 = time.perf_counter()
         state = _FetchState(mk.chunk_tokens, device, on_recompute)

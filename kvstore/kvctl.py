@@ -413,13 +413,18 @@ def cmd_get(args: argparse.Namespace, client: Any) -> None:
 
 def cmd_fetch(args: argparse.Namespace, client: Any) -> None:
     """Fetch the stored prefix (adaptive with ``--slo``) and report what each chunk cost; keeps no KV."""
+    import codec
+
     if args.slo is not None and not args.slo > 0:
         raise UsageError("--slo must be a positive number of seconds")
+    if args.max_level is not None and (args.slo is None or args.max_level not in codec.LEVELS):
+        raise UsageError(f"--max-level needs --slo and one of the levels {list(codec.LEVELS)}")
     res = client.fetch(
         model_key(args),
         parse_tokens(args),
         slo=args.slo,
         level=args.level,
+        max_level=args.max_level,
         recompute_tokens_per_second=args.recompute_tps,
         bandwidth_hint_bps=args.bandwidth_hint_mbit * 1e6 / 8 if args.bandwidth_hint_mbit else None,
     )
@@ -580,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", parents=[common, tokens], help="fetch the stored prefix, report per chunk")
     p.add_argument("--slo", type=float, help="seconds: adaptive levels to meet it (default: fixed --level)")
     p.add_argument("--level", type=int, help="fixed codec level without --slo (default: the codec's)")
+    p.add_argument("--max-level", type=int, help="with --slo: coarsest level accepted (else recompute/miss)")
     p.add_argument("--recompute-tps", type=float, default=0.0, help="local prefill tokens/s: allow recompute")
     p.add_argument("--bandwidth-hint-mbit", type=float, help="first bandwidth estimate for --slo")
     p.add_argument("--report", action="store_true", help="per-chunk level, bytes and timing")

@@ -201,6 +201,7 @@ class AdaptiveLevelPolicy:
             bandwidth_floor_bps=start.bandwidth_floor_bps or None,
             recompute_seconds=tokens / rate if rate > 0 else None,
             decode_seconds=tokens / decode_rate if decode_rate > 0 else None,
+            max_level=start.max_level if start.HasField("max_level") else None,
         )
         self._head = start.start_chunk == 0  # still inside a run of recompute chunks from token 0
         self._sizes: dict[int, int] = {}  # chunk index -> bytes sent
@@ -273,6 +274,8 @@ def make_policy(
         for name in (*rates, "bandwidth_hint_bps", "bandwidth_floor_bps"):
             if not getattr(start, name) >= 0:  # also rejects NaN
                 raise _invalid(f"{name} must be >= 0")
+        if start.HasField("max_level") and start.max_level not in codec.LEVELS:
+            raise _invalid(f"unknown max_level {start.max_level}; levels are {list(codec.LEVELS)}")
         return AdaptiveLevelPolicy(chunks, start, started)
     if start.policy != pb.LEVEL_POLICY_FIXED:
         raise _invalid(f"unknown level policy {start.policy}")

@@ -92,6 +92,20 @@ def test_a_large_chunk_is_bet_only_if_the_slo_survives_the_floor_rate() -> None:
     assert p.floor_bandwidth <= 1000
 
 
+def test_a_quality_cap_recomputes_or_misses_instead_of_going_coarser() -> None:
+    # 10 chunks in 1 s at 2000 B/s: uncapped, a mix of levels 2 and 3 fits.
+    assert set(AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2000).plan(0, 1.0).levels) == {2, 3}
+    capped = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2000, max_level=1).plan(0, 1.0)
+    assert not capped.fits and set(capped.levels) == {1}  # at the cap, the miss reported
+    plan = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2000, max_level=1, recompute_seconds=0.15).plan(0, 1.0)
+    r = plan.levels.count(RECOMPUTE)
+    assert plan.fits and r > 0 and plan.levels[:r] == (RECOMPUTE,) * r and set(plan.levels[r:]) <= {0, 1}
+    # With time to spare the cap changes nothing; a chunk with no level within it keeps its finest one.
+    assert set(AdaptivePlanner(SIZES, 1.0, bandwidth_bps=1e6, max_level=1).plan(0, 1.0).levels) == {0}
+    sizes = [{0: 1000, 1: 400}, {3: 150, 4: 100}]
+    assert AdaptivePlanner(sizes, 1.0, bandwidth_bps=1e6, max_level=2).plan(0, 1.0).levels == (0, 3)
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"slo_seconds": 0}, {"bandwidth_bps": 0}, {"bandwidth_weight": 0}, {"bandwidth_floor_bps": 0}]
 )

@@ -285,6 +285,31 @@ async def test_the_slowest_recent_goodput_holds_large_chunks_back(
         assert c.bandwidth_floor is None
 
 
+async def test_a_quality_cap_is_never_exceeded_chunks_are_recomputed_instead(
+    two_front_ends: tuple[KVStreamServer, KVStreamServer],
+) -> None:
+    srv, _ = two_front_ends
+    model = ModelKey("t", chunk_tokens=64)
+    ids = token_ids(512, 0)
+    # A client that believes its link does 2 kB/s and wants the context in 0.3 s: only the smallest
+    # level is a bet at all, so that is what comes uncapped.
+    tight = {"slo": 0.3, "bandwidth_hint_bps": 2e3}
+    async with AsyncKVCacheClient(srv.address) as c:
+        await c.store(model, ids, synthetic_context(512, 64, SHAPE))
+        with pytest.raises(ValueError, match="max_level"):
+            await c.fetch(model, ids, max_level=9, **tight)
+        uncapped = await c.fetch(model, ids, **tight)
+        capped = await c.fetch(model, ids, max_level=codec.DEFAULT_LEVEL, **tight)
+        recomputed = await c.fetch(
+            model, ids, max_level=codec.DEFAULT_LEVEL, recompute_tokens_per_second=1e4, **tight
+        )
+    assert uncapped.chunks[0].level == max(codec.LEVELS)
+    assert capped.kv is not None and not capped.recompute  # a miss, at the quality asked for
+    assert all(r.level <= codec.DEFAULT_LEVEL for r in capped.chunks), [r.level for r in capped.chunks]
+    assert recomputed.recompute and recomputed.chunks[0].recompute
+    assert all(r.recompute or r.level <= codec.DEFAULT_LEVEL for r in recomputed.chunks)
+
+
 async def test_recompute_ranges_prefilled_locally_give_the_exact_kv(model_path: Path) -> None:
     from client.model import Llama2c
 

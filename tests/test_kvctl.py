@@ -124,6 +124,8 @@ def test_every_subcommand(address: str, tmp_path: Path) -> None:
         (["rm", "--name", "a", "--context-id", "00"], "exactly one of"),
         (["pin", "--context-id", "zz"], "hex"),
         (["frobnicate"], "invalid choice"),
+        (["fetch", "--model", "m", "--tokens", "1", "--max-level", "1"], "--max-level needs --slo"),
+        (["fetch", "--model", "m", "--tokens", "1", "--slo", "1", "--max-level", "5"], "--max-level needs"),
     ],
 )
 def test_bad_input_exits_2(

@@ -386,6 +386,13 @@ async def test_stream_bad_start(stub: pb_grpc.KVStreamStub) -> None:
             model=spec, token_ids=pb.TokenIds(ids=[1] * 16), max_part_bytes=8 << 20
         ),
         "unknown level": pb.StreamStart(model=spec, token_ids=pb.TokenIds(ids=[1] * 16), level=7),
+        "unknown max_level": pb.StreamStart(
+            model=spec,
+            token_ids=pb.TokenIds(ids=[1] * 16),
+            policy=pb.LEVEL_POLICY_ADAPTIVE,
+            slo_ms=100,
+            max_level=9,
+        ),
     }
     for needle, start in cases.items():
         with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -480,6 +480,7 @@ class StreamStart(_message.Message):
     BANDWIDTH_HINT_BPS_FIELD_NUMBER: _builtins.int
     BANDWIDTH_FLOOR_BPS_FIELD_NUMBER: _builtins.int
     FROM_STORAGE_FIELD_NUMBER: _builtins.int
+    MAX_LEVEL_FIELD_NUMBER: _builtins.int
     start_chunk: _builtins.int
     """resume: first chunk to send"""
     max_chunks: _builtins.int
@@ -504,6 +505,12 @@ class StreamStart(_message.Message):
     from_storage: _builtins.bool
     """on one large chunk must survive
     read every blob from storage, not the front end's hot-chunk cache
+    """
+    max_level: _builtins.int
+    """(integrity checks such as `kvctl verify`)
+    LEVEL_POLICY_ADAPTIVE: the coarsest codec level the caller accepts (unset: any). Chunks are then
+    recomputed, or the SLO missed, rather than sent above it; a chunk storing no level within it comes
+    at its finest stored level.
     """
     @_builtins.property
     def model(self) -> Global___ModelSpec: ...
@@ -533,13 +540,19 @@ class StreamStart(_message.Message):
         bandwidth_hint_bps: _builtins.float = ...,
         bandwidth_floor_bps: _builtins.float = ...,
         from_storage: _builtins.bool = ...,
+        max_level: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk_hashes", b"chunk_hashes", "model", b"model", "query", b"query", "token_ids", b"token_ids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_level", b"_max_level", "chunk_hashes", b"chunk_hashes", "max_level", b"max_level", "model", b"model", "query", b"query", "token_ids", b"token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bandwidth_floor_bps", b"bandwidth_floor_bps", "bandwidth_hint_bps", b"bandwidth_hint_bps", "chunk_hashes", b"chunk_hashes", "decode_tokens_per_second", b"decode_tokens_per_second", "from_storage", b"from_storage", "level", b"level", "max_chunks", b"max_chunks", "max_part_bytes", b"max_part_bytes", "model", b"model", "policy", b"policy", "query", b"query", "recompute_tokens_per_second", b"recompute_tokens_per_second", "sidecars", b"sidecars", "slo_ms", b"slo_ms", "start_chunk", b"start_chunk", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_level", b"_max_level", "bandwidth_floor_bps", b"bandwidth_floor_bps", "bandwidth_hint_bps", b"bandwidth_hint_bps", "chunk_hashes", b"chunk_hashes", "decode_tokens_per_second", b"decode_tokens_per_second", "from_storage", b"from_storage", "level", b"level", "max_chunks", b"max_chunks", "max_level", b"max_level", "max_part_bytes", b"max_part_bytes", "model", b"model", "policy", b"policy", "query", b"query", "recompute_tokens_per_second", b"recompute_tokens_per_second", "sidecars", b"sidecars", "slo_ms", b"slo_ms", "start_chunk", b"start_chunk", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_level: _TypeAlias = _typing.Literal["max_level"]  # noqa: Y015
+    _WhichOneofArgType__max_level: _TypeAlias = _typing.Literal["_max_level", b"_max_level"]  # noqa: Y015
     _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["token_ids", "chunk_hashes"]  # noqa: Y015
     _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_level) -> _WhichOneofReturnType__max_level | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
 
 Global___StreamStart: _TypeAlias = StreamStart  # noqa: Y015
