@@ -594,6 +594,41 @@ class AsyncKVCacheClient:
                 call.cancel()
 
 
+_decode_streams = threading.local()  # per decode thread: {cuda device index: torch.cuda.Stream}
+
+
+def _decode_chunk(
+    blob: bytes,
+    device: str | torch.device,
+    out: torch.Tensor | None,
+    out_ready: torch.cuda.Event | None = None,
+) -> torch.Tensor:
+    """Decode one blob on ``device`` and return once the KV is there (called from a worker thread).
+
+    On CUDA the decode runs on a stream of this thread's own, not the default stream the model computes
+    on (a prefill of recompute chunks overlaps it), and the thread waits for that stream, so the time
+    measured is the decode's and the tensor is complete on every stream when it is handed back.
+    ``out_ready``: a ``torch.cuda.Event`` recorded where ``out`` was allocated; the decode waits for it
+    (memory the allocator recycled may still be read by work queued on that stream before).
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return kernel_ops.codec_decode(blob, dev, out=out)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    streams: dict[int, torch.cuda.Stream] = _decode_streams.__dict__.setdefault("by_device", {})
+    if index not in streams:
+        streams[index] = torch.cuda.Stream(device=index)
+    stream = streams[index]
+    with torch.cuda.stream(stream):
+        if out_ready is not None:
+            stream.wait_event(out_ready)
+        result = kernel_ops.codec_decode(blob, dev, out=out)
+    if out is None:  # allocated on the side stream, freed by the caller on its own
+        result.record_stream(torch.cuda.default_stream(index))
+    stream.synchronize()
+    return result
+
+
 class _FetchState:
     """Decoded chunks of one fetch, kept across resumed streams, and what was measured on the way.
 
@@ -625,6 +660,7 @@ class _FetchState:
         self._decode_seconds: list[float] = []  # per decoded chunk
         self._capacity = 0  # chunks announced by the first header
         self._context: torch.Tensor | None = None  # [L, 2, capacity * chunk_tokens, H, D], on device
+        self._context_ready: torch.cuda.Event | None = None  # CUDA: recorded where _context was allocated
         self._in_context = True  # every decoded chunk went into _context
 
     @property
@@ -655,6 +691,9 @@ class _FetchState:
         want = (n_layers, 2, self._capacity * tokens, heads, dim)
         if self._context is None:
             self._context = torch.empty(want, dtype=info.dtype, device=self.device)
+            if self._context.is_cuda:
+                self._context_ready = torch.cuda.Event()
+                self._context_ready.record()
         elif tuple(self._context.shape) != want or self._context.dtype != info.dtype:
             return None
         return self._context[:, :, index * tokens : (index + 1) * tokens]
@@ -685,7 +724,7 @@ class _FetchState:
 
         def work() -> tuple[torch.Tensor | None, float]:
             t = time.perf_counter()
-            out = kernel_ops.codec_decode(blob, self.device, out=slot)  # slot None: a tensor of its own
+            out = _decode_chunk(blob, self.device, slot, self._context_ready if slot is not None else None)
             return out, time.perf_counter() - t
 
         self.decodes.append(asyncio.ensure_future(asyncio.to_thread(work)))
