@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import statistics
 import threading
 import time
@@ -410,7 +411,11 @@ class AsyncKVCacheClient:
         encoded at ``levels`` (default: every codec level); or pass pre-encoded ``blobs`` (one dict
         ``level -> codec blob`` per full chunk). ``sidecars`` adds named per-chunk blobs (e.g. sparse
         indexes). The server makes the context visible only after every blob arrived and verified.
+        ``ttl``: seconds the context lives unless pinned (rounded up to whole seconds; ``None``: the
+        server's default).
         """
+        if ttl is not None and not ttl >= 0:
+            raise ValueError("ttl must be >= 0 seconds (0 or None: the server's default)")
         mk = self.model(model)
         if blobs is None:
             if kv is None:
@@ -420,7 +425,7 @@ class AsyncKVCacheClient:
             model=model_to_pb(mk),
             token_ids=_tokens_pb(token_ids),
             pin=pin,
-            ttl_seconds=int(ttl or 0),
+            ttl_seconds=math.ceil(ttl) if ttl else 0,  # 0.5 s must not become 0, "the default"
             name=name,
         )
 
@@ -509,6 +514,11 @@ class AsyncKVCacheClient:
         route = prefix_route_key(mk, token_ids) if self.route_by_prefix else None
         for address in self._rotation(route):
             start.start_chunk = state.next_chunk
+            if max_chunks:  # the server counts max_chunks from start_chunk
+                if state.next_chunk >= max_chunks:
+                    last = None  # every chunk asked for arrived before the stream broke
+                    break
+                start.max_chunks = max_chunks - state.next_chunk
             if slo is not None:
                 # A resumed stream gets the time that is left (at least 1 ms: the server then sends the
                 # smallest levels / recompute markers rather than nothing).
@@ -745,6 +755,7 @@ class _FetchState:
 
     def on_recompute(self, msg: pb.ChunkData) -> None:
         self._check_order(msg.chunk_index)
+        self._in_context = self._in_context and msg.chunk_index < self._capacity
         # ``_last_arrival`` stays: a marker carries no bytes, and timing the next blob from it (markers
         # can reach this loop late, batched with that blob's first bytes) would overstate the link.
         done: asyncio.Future[tuple[torch.Tensor | None, float]] = asyncio.get_running_loop().create_future()
@@ -790,7 +801,11 @@ class KVCacheClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstream-client", daemon=True)
         self._thread.start()
-        self._aio = self._run(self._make(addresses, kwargs))
+        try:
+            self._aio = self._run(self._make(addresses, kwargs))
+        except BaseException:  # bad arguments: do not leave the loop's thread behind
+            self._stop_loop()
+            raise
 
     @staticmethod
     async def _make(addresses: str | Sequence[str], kwargs: dict[str, Any]) -> AsyncKVCacheClient:
@@ -829,12 +844,15 @@ class KVCacheClient:
     def model(self, model: ModelKey | str) -> ModelKey:
         return self._aio.model(model)
 
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
     def close(self) -> None:
         if self._loop.is_running():
             self._run(self._aio.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._stop_loop()
 
     def __enter__(self) -> KVCacheClient:
         return self

@@ -232,6 +232,15 @@ async def test_cut_stream_resumes_on_the_other_front_end_bit_exact(
             assert proxy.stats.broken >= 1 and not broken.truncated
             assert broken.kv is not None and unbroken.kv is not None
             assert torch.equal(broken.kv.view(torch.int16), unbroken.kv.view(torch.int16))
+        # max_chunks counts from the start of the fetch, not from where a resumed stream starts.
+        before = proxy.stats.broken
+        proxy.set(break_after_bytes=sum(len(b[0]) for b in blobs[:2]) + 50_000)  # inside chunk 2
+        async with AsyncKVCacheClient([front1, fe2.address], part_bytes=64 << 10) as c:
+            head = await c.fetch(model, ids, level=0, max_chunks=4)
+        assert proxy.stats.broken > before and [r.index for r in head.chunks] == [0, 1, 2, 3]
+        assert head.prefix_tokens == 256 and head.kv is not None
+        assert torch.equal(head.kv.view(torch.int16), unbroken.kv[:, :, :256].view(torch.int16))
+        proxy.set(break_after_bytes=900_000)
         # Adaptive: levels may differ from run to run, but every chunk is exactly its stored blob.
         before = proxy.stats.broken
         async with AsyncKVCacheClient([front1, fe2.address], part_bytes=64 << 10) as c:  # front 1 first
