@@ -176,7 +176,9 @@ class AdaptiveLevelPolicy:
     (a harmonic mean of recent samples, starting from the client's hint); the server's own send time
     only when it is lower, because socket and HTTP/2 buffers make a send look faster than the link but
     never slower. Time left: ``(1 - SLO_MARGIN) x slo - elapsed`` minus the delivery time, at the current
-    estimate, of the bytes sent but not yet reported received (still in buffers or on the wire).
+    estimate, of the bytes sent but not yet reported received (still in buffers or on the wire), and the
+    prefill time of the recompute markers already sent after the head (the client runs those after the
+    stream, one after another; a later re-plan must not spend that time on bytes).
     Pacing: a chunk is sent only while fewer than ``IN_FLIGHT_CHUNKS`` earlier ones are unreported, so
     each choice is made with a fresh measurement instead of minutes of data vanishing into buffers
     (bounded wait: twice the predicted delivery time of the unreported bytes, for clients that do not
@@ -204,6 +206,8 @@ class AdaptiveLevelPolicy:
             max_level=start.max_level if start.HasField("max_level") else None,
         )
         self._head = start.start_chunk == 0  # still inside a run of recompute chunks from token 0
+        # Recompute markers sent after the head: the client prefills them after the stream, one by one.
+        self._owed_seconds = 0.0
         self._sizes: dict[int, int] = {}  # chunk index -> bytes sent
         self._unacked: set[int] = set()  # chunks sent but not yet reported received
         self._t0 = time.perf_counter() if started is None else started  # the SLO clock (perf_counter)
@@ -231,7 +235,8 @@ class AdaptiveLevelPolicy:
     def _time_left(self) -> float:
         unacked = sum(self._sizes[i] for i in self._unacked)
         elapsed = time.perf_counter() - self._t0
-        return self.planner.slo * (1 - self.SLO_MARGIN) - elapsed - unacked / self.planner.planning_bandwidth
+        in_flight = unacked / self.planner.planning_bandwidth
+        return self.planner.slo * (1 - self.SLO_MARGIN) - elapsed - in_flight - self._owed_seconds
 
     def choose(self, chunk: pb.ChunkInfo) -> int:
         pos = self._pos[chunk.index]
@@ -253,6 +258,8 @@ class AdaptiveLevelPolicy:
 
     def sent(self, chunk: pb.ChunkInfo, level: int, nbytes: int, seconds: float) -> None:
         if level == RECOMPUTE:
+            if not self._head:  # a head marker's prefill overlaps the stream (planned that way)
+                self._owed_seconds += self.planner.recompute_seconds or 0.0
             return
         self._sizes[chunk.index] = nbytes
         self._unacked.add(chunk.index)
@@ -771,10 +778,16 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         def load(pos: int, level: int) -> tuple[int, int, asyncio.Task[_Loaded | None]]:
             return pos, level, asyncio.create_task(self._load(model, chunks[pos], level, sidecars, cached))
 
+        def read_ahead(pos: int) -> tuple[int, int, asyncio.Task[_Loaded | None]] | None:
+            # The chunk the policy expects next, at the level it expects (nothing for a recompute marker).
+            if pos >= len(chunks) or (level := policy.guess(chunks[pos])) == RECOMPUTE:
+                return None
+            return load(pos, level)
+
         sent, reason = 0, ""
         send_rate = 0.0  # bytes/s measured over the previous chunks (flow control included)
         # Storage read-ahead of the next chunk at the level the policy expects: (position, level, task).
-        pending = load(0, policy.guess(chunks[0])) if chunks else None
+        pending = read_ahead(0)
         try:
             for i, info in enumerate(chunks):
                 check_reports()
@@ -806,7 +819,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                 except TimeoutError:
                     reason = f"deadline: stopped before chunk {info.index}"
                     break
-                pending = load(i + 1, policy.guess(chunks[i + 1])) if i + 1 < len(chunks) else None
+                pending = read_ahead(i + 1)
                 if loaded is None:
                     reason = f"chunk {info.index}: missing or corrupt"
                     break

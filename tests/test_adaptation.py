@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from client.adaptation import RECOMPUTE, AdaptivePlanner
+from kvstore.rpc import pb
+from kvstore.server import AdaptiveLevelPolicy
 
 SIZES = [{0: 1000, 1: 400, 2: 250, 3: 150, 4: 100}] * 10
 
@@ -104,6 +108,28 @@ def test_a_quality_cap_recomputes_or_misses_instead_of_going_coarser() -> None:
     assert set(AdaptivePlanner(SIZES, 1.0, bandwidth_bps=1e6, max_level=1).plan(0, 1.0).levels) == {0}
     sizes = [{0: 1000, 1: 400}, {3: 150, 4: 100}]
     assert AdaptivePlanner(sizes, 1.0, bandwidth_bps=1e6, max_level=2).plan(0, 1.0).levels == (0, 3)
+
+
+def test_recompute_markers_after_the_head_are_owed_from_the_time_left() -> None:
+    # Such markers are prefilled after the stream, one by one: a later re-plan must not spend that time.
+    chunks = [
+        pb.ChunkInfo(
+            index=i,
+            token_start=64 * i,
+            token_end=64 * (i + 1),
+            levels=[pb.LevelInfo(level=lv, size_bytes=n) for lv, n in SIZES[0].items()],
+        )
+        for i in range(10)
+    ]
+    for start_chunk, owed in ((0, 0.0), (1, 0.2)):  # 640 tokens/s: 0.1 s per 64-token chunk
+        start = pb.StreamStart(
+            start_chunk=start_chunk, slo_ms=1000, recompute_tokens_per_second=640, bandwidth_hint_bps=2500
+        )
+        policy = AdaptiveLevelPolicy(chunks[start_chunk:], start, started=time.perf_counter())
+        before = policy._time_left()
+        policy.sent(chunks[start_chunk], RECOMPUTE, 0, 0.0)  # a head marker only at the stream's start
+        policy.sent(chunks[start_chunk + 1], RECOMPUTE, 0, 0.0)
+        assert before - policy._time_left() == pytest.approx(owed, abs=0.01)
 
 
 @pytest.mark.parametrize(
