@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,8 @@ def _check_input(kv: torch.Tensor) -> None:
         raise CodecError(f"expected a torch.Tensor, got {type(kv).__name__}")
     if kv.dim() != container.NDIM or kv.shape[1] != 2:
         raise CodecError(f"expected kv [layers, 2, tokens, kv_heads, head_dim], got shape {tuple(kv.shape)}")
+    if kv.layout != torch.strided or kv.is_meta:
+        raise CodecError(f"expected a dense tensor with data, got layout {kv.layout} on {kv.device}")
     if kv.dtype not in container.DTYPE_CODES:
         raise CodecError(f"unsupported dtype {kv.dtype}; use float16, bfloat16 or float32")
     if any(not 1 <= d <= container.MAX_DIM for d in kv.shape) or kv.numel() > container.MAX_ELEMENTS:
@@ -32,12 +35,30 @@ def encode(kv: torch.Tensor, level: int) -> bytes:
     self-contained blob; its size is ``len(blob)``.
     """
     _check_input(kv)
+    if isinstance(level, bool) or not hasattr(level, "__index__"):  # 1.0 == 1 would pass the checks below
+        raise CodecError(f"level must be an integer, got {type(level).__name__}")
+    level = operator.index(level)
+    kv = kv.resolve_neg()  # a lazily negated view cannot be reinterpreted as bits
     if level == LOSSLESS:
         return container.pack(CODEC_ZSTD, 0, kv.dtype, tuple(kv.shape), b"", lossless.encode(kv))
     if level in container.LOSSY_LEVELS:
         params, payload = lossy.encode(kv, level)
         return container.pack(CODEC_RANS, level, kv.dtype, tuple(kv.shape), params, payload)
     raise CodecError(f"unknown level {level!r}; levels are {LEVELS}")
+
+
+def has_internal_overlap(out: torch.Tensor) -> bool:
+    """Whether ``out`` may have elements that share memory (``expand()``, some ``as_strided`` views).
+
+    Sufficient test for no overlap: taken by increasing stride, each dimension steps past everything the
+    smaller ones span. Every slice, transpose or permutation of a tensor passes it.
+    """
+    extent = 1
+    for stride, size in sorted((out.stride(i), out.shape[i]) for i in range(out.dim()) if out.shape[i] > 1):
+        if stride < extent:
+            return True
+        extent = stride * (size - 1) + extent
+    return False
 
 
 def decode(
@@ -59,6 +80,8 @@ def decode(
             f"out is {out.dtype} {tuple(out.shape)} on {out.device}; the blob decodes to "
             f"{info.dtype} {info.shape} on the CPU"
         )
+    if out is not None and has_internal_overlap(out):  # the decoder would write some elements twice
+        raise CodecError("out has elements that share memory; pass a tensor or a slice of one")
     mv = memoryview(blob)
     params = mv[info.params_offset : info.params_offset + info.params_len]
     payload = mv[info.payload_offset : info.payload_offset + info.payload_len]

@@ -41,7 +41,8 @@ def decode(payload: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> t
     if params.content_size != want:
         raise CodecError(f"lossless payload declares {params.content_size} bytes, shape needs {want}")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=want)
+        # allow_extra_data=False: the payload is exactly one frame, nothing may follow it
+        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=want, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise CodecError(f"lossless payload is corrupt: {e}") from e
     if len(raw) != want:

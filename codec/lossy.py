@@ -129,25 +129,46 @@ def _segment_stats(x: np.ndarray) -> tuple[float, float]:
     return np.sqrt((s2 / t_len).mean()), top
 
 
-def _step(spread: float, absmax: float, level: int, layer: int, n_layers: int, kv: int) -> np.float32:
+def _finite_limit(dtype: torch.dtype) -> float:
+    """Largest ``|x_hat|`` that decodes to a finite ``dtype`` value: round-to-nearest overflows from
+    ``max + ulp/2`` on, less a margin for the decoder's float32 product ``q * delta`` (2^-23 relative)."""
+    fi = torch.finfo(dtype)
+    ulp = fi.eps * 2.0 ** math.floor(math.log2(fi.max))
+    return (fi.max + ulp / 2) * (1 - 2.0**-23)
+
+
+def _step(
+    spread: float, absmax: float, level: int, layer: int, n_layers: int, kv: int, dtype: torch.dtype
+) -> np.float32:
     """One segment's quantization step (see module docstring)."""
     depth = LAYER_SPAN ** (layer / max(n_layers - 1, 1))
     alpha = LEVEL_ALPHA[level] * depth * (KEY_FACTOR if kv == 0 else 1.0)
-    delta = np.float32(max(alpha * spread, absmax / Q_LIMIT))
+    floor = absmax / Q_LIMIT
+    # |x_hat| <= absmax + delta/2 must stay finite in the output dtype: a coarse step on values near the
+    # dtype's largest one would otherwise round them up to inf (fp16: absmax 20000, delta 443 -> inf).
+    cap = min(2 * (_finite_limit(dtype) - absmax), float(np.finfo(np.float32).max))
+    if cap < 2 * floor:
+        raise CodecError(f"values up to {absmax:g} are too close to the largest {dtype} for lossy levels; "
+                         "use codec.LOSSLESS")
+    wanted = min(max(alpha * spread, floor), cap)
+    delta = np.float32(wanted)
+    if delta > cap:  # float32 rounding must not step over the cap
+        delta = np.nextafter(delta, np.float32(0))
     if not delta > 0:
         return np.float32(1.0)
     # absmax / Q_LIMIT can round below the bound in float32; nudge up so rint(x/delta) <= Q_LIMIT.
     return np.nextafter(delta, np.float32(np.inf)) if absmax / delta > Q_LIMIT else delta
 
 
-def step_sizes(x: np.ndarray, level: int) -> np.ndarray:
-    """Quantization steps float32 ``[L, 2]`` for finite ``x`` float32 ``[L, 2, T, C]`` (what encode uses)."""
+def step_sizes(x: np.ndarray, level: int, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Quantization steps float32 ``[L, 2]`` that encode uses for finite ``x`` float32 ``[L, 2, T, C]``
+    (the values of a ``dtype`` chunk)."""
     n_layers = x.shape[0]
     out = np.empty((n_layers, 2), dtype=np.float32)
     for layer in range(n_layers):
         for kv in range(2):
             spread, absmax = _segment_stats(np.ascontiguousarray(x[layer, kv], dtype=np.float32))
-            out[layer, kv] = _step(spread, absmax, level, layer, n_layers, kv)
+            out[layer, kv] = _step(spread, absmax, level, layer, n_layers, kv, dtype)
     return out
 
 
@@ -274,7 +295,7 @@ def encode(kv: torch.Tensor, level: int) -> tuple[bytes, bytes]:
         spread, absmax = _segment_stats(x)
         if not math.isfinite(spread):
             raise CodecError("lossy levels need finite values (found inf/nan); use codec.LOSSLESS")
-        delta[s] = _step(spread, absmax, level, s // 2, n_layers, s % 2)
+        delta[s] = _step(spread, absmax, level, s // 2, n_layers, s % 2, src.dtype)
         n, states = _encode_segment(x, delta[s], w, d, mu[s], width[s], buf)
         parts += [states.view(np.uint16), buf[n - 1 :: -1].copy() if n else buf[:0]]  # buf is reused
         lengths.append(4 * w + 2 * n)
@@ -300,7 +321,7 @@ def parse_params(params: memoryview, shape: tuple[int, ...]) -> tuple[int, np.nd
     if len(params) < fixed + s * c:
         raise CodecError(f"lossy parameter section too short: {len(params)} bytes")
     w, reserved = _HEAD.unpack_from(params, 0)
-    if reserved != 0 or w < 1 or c % w != 0:
+    if reserved != 0 or w != lanes_for(c):  # the format fixes W; GPU decoders rely on W <= 32
         raise CodecError(f"bad lane count {w} for {c} channels")
     raw = np.frombuffer(params, dtype=np.uint8)
     off = _HEAD.size

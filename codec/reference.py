@@ -86,6 +86,8 @@ def decode_reference(blob: bytes, device: str | torch.device = "cpu") -> torch.T
     tid, sbits = rans.param_to_model(width)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     n_words = (lengths - 4 * w) // 2
+    if (n_words > 4 * t * h * dim).any():  # at most 4 ops per value, one word each: bound the allocation
+        raise CodecError("segment longer than any encoder writes")
     init = np.stack([payload[a : a + 4 * w].view("<u4") for a in starts]).astype(np.int64)
     words = np.zeros((len(starts), int(n_words.max())), dtype=np.int64)
     for i, a in enumerate(starts):

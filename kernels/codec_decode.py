@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 import codec
+from codec.api import has_internal_overlap
 from codec.container import BlobInfo
 
 
@@ -30,6 +31,8 @@ def check_out(out: torch.Tensor | None, info: BlobInfo, device: str | torch.devi
         )
     if out.device.type != target.type:
         raise ValueError(f"out is on {out.device}, but device={target} was requested")
+    if has_internal_overlap(out):
+        raise ValueError("out has elements that share memory; pass a tensor or a slice of one")
     return out.device
 
 

@@ -28,7 +28,7 @@ def _bound(kv: torch.Tensor, level: int) -> torch.Tensor:
     """Per-element error bound of a lossy level: half a step, plus the output dtype's rounding."""
     n_layers, _, t, h, d = kv.shape
     x = kv.float().reshape(n_layers, 2, t, h * d).numpy()
-    delta = torch.from_numpy(lossy.step_sizes(x, level)).reshape(n_layers, 2, 1, 1, 1)
+    delta = torch.from_numpy(lossy.step_sizes(x, level, kv.dtype)).reshape(n_layers, 2, 1, 1, 1)
     eps = torch.finfo(kv.dtype).eps
     return delta / 2 * (1 + 1e-5) + kv.float().abs() * eps + delta * eps
 
@@ -86,6 +86,26 @@ def test_extreme_values_use_escapes() -> None:
         out = codec.decode(blob)
         assert bool(((out - kv).abs() <= _bound(kv, level)).all())
         assert torch.equal(out, decode_reference(blob))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_values_near_the_dtype_maximum_stay_finite(dtype: torch.dtype) -> None:
+    # A coarse step rounds the largest values up; past the dtype's maximum that used to decode to inf.
+    top = torch.finfo(dtype).max
+    kv = torch.zeros(1, 2, 4, 1, 2, dtype=torch.float32)
+    kv[0, :, :, 0, 0] = torch.tensor([-0.3, 0.0, 0.3, 0.9]) * top
+    kv = kv.to(dtype)
+    for level in (1, 2, 3, 4):
+        out = codec.decode(codec.encode(kv, level))
+        assert bool(torch.isfinite(out).all()), level
+        assert bool(((out.float() - kv.float()).abs() <= _bound(kv, level)).all()), level
+    at_max = torch.full((1, 2, 4, 1, 2), top, dtype=dtype)
+    if dtype == torch.float32:  # no room above the float32 maximum for the decoder's product: refused
+        with pytest.raises(codec.CodecError, match="LOSSLESS"):
+            codec.encode(at_max, 4)
+    else:
+        assert torch.equal(codec.decode(codec.encode(at_max, 4)), at_max)
+    assert torch.equal(codec.decode(codec.encode(at_max, 0)), at_max)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -157,6 +177,16 @@ def test_bad_inputs() -> None:
         codec.encode(good.to(torch.int32), 0)
     with pytest.raises(codec.CodecError):
         codec.encode(good, 5)
+    for level in (1.0, True, "1"):  # 1.0 == 1 and True == 1: not levels
+        with pytest.raises(codec.CodecError, match="integer"):
+            codec.encode(good, level)  # type: ignore[arg-type]
+    assert codec.encode(good, np.int64(2)) == codec.encode(good, 2)
+    with pytest.raises(codec.CodecError, match="dense"):
+        codec.encode(good.to_sparse(), 0)
+    with pytest.raises(codec.CodecError, match="dense"):
+        codec.encode(torch.empty(1, 2, 4, 1, 8, device="meta"), 0)
+    negated = torch._neg_view(good)  # a lazily negated view: its bits are those of good
+    assert torch.equal(codec.decode(codec.encode(negated, 0)), -good)
     with pytest.raises(codec.CodecError):
         codec.encode(torch.zeros(1, 2, 0, 1, 8), 0)
     for dtype, value in (
@@ -198,6 +228,12 @@ def test_decode_into_a_token_slice_of_a_context(dtype: torch.dtype, level: int) 
     assert torch.equal(codec.decode(blob, out=strided), codec.decode(blob))
     for bad in (ctx[:, :, 16:31], ctx[:, :, 16:32].double(), torch.empty(3, 2, 16, 2, 8, dtype=torch.int16)):
         with pytest.raises(codec.CodecError, match="out is"):
+            codec.decode(blob, out=bad)
+    # Outputs whose elements share memory: each [layer, kv] block would overwrite the one before.
+    expanded = torch.zeros(1, 1, 16, 2, 8, dtype=dtype).expand(3, 2, 16, 2, 8)
+    overlapping = torch.zeros(4096, dtype=dtype).as_strided((3, 2, 16, 2, 8), (256, 128, 16, 8, 1))
+    for bad in (expanded, overlapping):
+        with pytest.raises(codec.CodecError, match="share memory"):
             codec.decode(blob, out=bad)
 
 

@@ -118,3 +118,56 @@ def test_extreme_header_fields(level: int, field: str, data: st.DataObject) -> N
         field == "dtype" and value in container.CODE_DTYPES and (level != 0 or value in (1, 2))
     )
     _decode_or_codec_error(sealed, expect_error=not benign)
+
+
+def _edit_lossy(blob: bytes, edit_params: object = None, edit_payload: object = None) -> bytes:
+    """``blob`` with its parameter section / payload replaced by ``edit_*(bytearray)``, header and
+    checksum made consistent (a forged blob only the structural checks can catch)."""
+    info = codec.inspect(blob)
+    params = bytearray(blob[info.params_offset : info.params_offset + info.params_len])
+    payload = bytearray(blob[info.payload_offset : info.payload_offset + info.payload_len])
+    params = edit_params(params) if callable(edit_params) else params
+    payload = edit_payload(payload) if callable(edit_payload) else payload
+    head = bytearray(blob[: info.params_offset])
+    struct.pack_into("<IQ", head, 32, len(params), len(payload))
+    return _reseal(bytes(head) + bytes(params) + bytes(payload))
+
+
+def test_a_foreign_lane_count_is_rejected_by_every_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The format fixes W (the largest divisor of C up to 32; GPU decoders keep lanes in a 32-bit mask):
+    # a well-formed stream written with 64 lanes must not decode on the CPU and fail elsewhere.
+    from codec import lossy
+    from codec.reference import decode_reference
+
+    kv = torch.randn(1, 2, 3, 1, 64, generator=torch.Generator().manual_seed(1)).half()
+    with monkeypatch.context() as m:
+        m.setattr(lossy, "lanes_for", lambda c: c)
+        wide = codec.encode(kv, 2)
+    for decode in (codec.decode, decode_reference):
+        with pytest.raises(codec.CodecError, match="lane count"):
+            decode(wide)
+
+
+def test_the_reference_decoder_bounds_a_segment_before_allocating_for_it() -> None:
+    from codec.reference import decode_reference
+
+    blob = BLOBS[2]
+    info = codec.inspect(blob)
+    s = 2 * info.shape[0]
+    first = struct.unpack_from("<I", blob, info.params_offset + 4 + 4 * s)[0]  # segment 0's bytes
+
+    def longer(params: bytearray) -> bytearray:  # segment 0 claims 2**20 more words
+        struct.pack_into("<I", params, 4 + 4 * s, first + (2 << 20))
+        return params
+
+    forged = _edit_lossy(blob, longer, lambda p: p[:first] + bytearray(2 << 20) + p[first:])
+    with pytest.raises(codec.CodecError):
+        codec.decode(forged)
+    with pytest.raises(codec.CodecError, match="longer than any encoder writes"):
+        decode_reference(forged)
+
+
+def test_lossless_payload_is_exactly_one_frame() -> None:
+    forged = _edit_lossy(BLOBS[0], edit_payload=lambda p: p + bytearray(b"trailing junk"))
+    with pytest.raises(codec.CodecError, match="unused data"):
+        codec.decode(forged)

@@ -155,6 +155,10 @@ def test_out_must_match_the_blob(tri: ModuleType) -> None:
         tri.codec_decode(blob, "cpu", out=torch.empty(1, 2, 3, 1, 8, dtype=torch.float16))
     with pytest.raises(ValueError, match="decodes to"):
         twin.codec_decode(blob, "cpu", out=torch.empty(1, 2, 4, 1, 8))
+    expanded = torch.empty(1, 1, 3, 1, 8).expand(1, 2, 3, 1, 8)  # both blocks in the same memory
+    for decoder in (tri, twin):
+        with pytest.raises(ValueError, match="share memory"):
+            decoder.codec_decode(blob, "cpu", out=expanded)
 
 
 def test_corrupt_blob_raises_before_any_launch(tri: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
