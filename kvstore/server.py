@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import ssl
 import threading
 import time
@@ -167,6 +168,7 @@ class FixedLevelPolicy:
 # First throughput estimate when the client sends no hint: a conservative 100 Mbit/s; the first chunk
 # may come out smaller than needed, later ones are re-planned from measurements.
 DEFAULT_BANDWIDTH_BPS = 100e6 / 8
+MIN_BANDWIDTH_BPS = 1e3  # 8 kbit/s: the slowest link a hint may claim
 
 
 class AdaptiveLevelPolicy:
@@ -195,12 +197,14 @@ class AdaptiveLevelPolicy:
         self._pos = {c.index: i for i, c in enumerate(chunks)}
         tokens = max((c.token_end - c.token_start for c in chunks), default=0)
         rate, decode_rate = start.recompute_tokens_per_second, start.decode_tokens_per_second
+        # Hints below MIN_BANDWIDTH_BPS count as that: pacing waits grow with 1 / bandwidth.
+        hint, floor = start.bandwidth_hint_bps, start.bandwidth_floor_bps
         self.planner = AdaptivePlanner(
             [{lv.level: lv.size_bytes for lv in c.levels} for c in chunks] or [{0: 0}],
             start.slo_ms / 1e3,
-            bandwidth_bps=start.bandwidth_hint_bps or DEFAULT_BANDWIDTH_BPS,
-            bandwidth_weight=4 if start.bandwidth_hint_bps else 1,  # a measured hint: trusted like 4 samples
-            bandwidth_floor_bps=start.bandwidth_floor_bps or None,
+            bandwidth_bps=max(hint, MIN_BANDWIDTH_BPS) if hint else DEFAULT_BANDWIDTH_BPS,
+            bandwidth_weight=4 if hint else 1,  # a measured hint: trusted like 4 samples
+            bandwidth_floor_bps=max(floor, MIN_BANDWIDTH_BPS) if floor else None,
             recompute_seconds=tokens / rate if rate > 0 else None,
             decode_seconds=tokens / decode_rate if decode_rate > 0 else None,
             max_level=start.max_level if start.HasField("max_level") else None,
@@ -275,12 +279,12 @@ def make_policy(
     ``chunks`` are the chunks to stream, ``started`` the ``time.perf_counter()`` the request arrived at.
     """
     if start.policy == pb.LEVEL_POLICY_ADAPTIVE:
-        if not start.slo_ms > 0:
-            raise _invalid("LEVEL_POLICY_ADAPTIVE needs slo_ms > 0")
+        if not 0 < start.slo_ms < math.inf:
+            raise _invalid("LEVEL_POLICY_ADAPTIVE needs a finite slo_ms > 0")
         rates = ("recompute_tokens_per_second", "decode_tokens_per_second")
         for name in (*rates, "bandwidth_hint_bps", "bandwidth_floor_bps"):
-            if not getattr(start, name) >= 0:  # also rejects NaN
-                raise _invalid(f"{name} must be >= 0")
+            if not 0 <= getattr(start, name) < math.inf:  # also rejects NaN
+                raise _invalid(f"{name} must be finite and >= 0")
         if start.HasField("max_level") and start.max_level not in codec.LEVELS:
             raise _invalid(f"unknown max_level {start.max_level}; levels are {list(codec.LEVELS)}")
         return AdaptiveLevelPolicy(chunks, start, started)

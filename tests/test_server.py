@@ -379,13 +379,20 @@ async def test_unknown_context_and_bad_queries(server: KVStreamServer, stub: pb_
 async def test_stream_bad_start(stub: pb_grpc.KVStreamStub) -> None:
     spec = model_to_pb(ModelKey("m", chunk_tokens=16))
     cases = {
-        "LEVEL_POLICY_ADAPTIVE needs slo_ms > 0": pb.StreamStart(
+        "LEVEL_POLICY_ADAPTIVE needs a finite slo_ms > 0": pb.StreamStart(
             model=spec, token_ids=pb.TokenIds(ids=[1] * 16), policy=pb.LEVEL_POLICY_ADAPTIVE
         ),
         "max_part_bytes": pb.StreamStart(
             model=spec, token_ids=pb.TokenIds(ids=[1] * 16), max_part_bytes=8 << 20
         ),
         "unknown level": pb.StreamStart(model=spec, token_ids=pb.TokenIds(ids=[1] * 16), level=7),
+        "bandwidth_hint_bps must be finite": pb.StreamStart(
+            model=spec,
+            token_ids=pb.TokenIds(ids=[1] * 16),
+            policy=pb.LEVEL_POLICY_ADAPTIVE,
+            slo_ms=100,
+            bandwidth_hint_bps=float("inf"),
+        ),
         "unknown max_level": pb.StreamStart(
             model=spec,
             token_ids=pb.TokenIds(ids=[1] * 16),
