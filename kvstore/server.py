@@ -24,7 +24,6 @@ import math
 import ssl
 import threading
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,8 +324,6 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         self.metrics = metrics
         self.tokens = tokens
         self._data_streams = 0  # PutChunks + StreamContext calls in progress
-        # Serializes quota check + commit per namespace so concurrent uploads cannot overshoot together.
-        self._quota_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # -- admission: authentication and the data-stream cap ---------------------------------------
 
@@ -629,33 +626,29 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         ttl = None if header.ttl_seconds == 0 else float(header.ttl_seconds)
         metadata = dict(commit.metadata)
 
+        async def budget() -> int:
+            return await self._quota_left(model.namespace, hashes[-1], quota)
+
         async def commit_put() -> PutResult:
-            async with contextlib.AsyncExitStack() as stack:
-                budget: int | None = None
-                if quota:
-                    # Check + commit must be atomic across *all* front ends sharing the store, or two
-                    # uploads that each fit could both pass the check. The local lock keeps this
-                    # process's waiters off the backend's lease key.
-                    await stack.enter_async_context(self._quota_locks[model.namespace])
-                    await stack.enter_async_context(self.store.namespace_lease(model.namespace))
-                    budget = await self._quota_left(model.namespace, hashes[-1], quota)
-                try:
-                    return await self.store.put(
-                        model,
-                        list(header.token_ids.ids),
-                        chunks,
-                        ttl=ttl,
-                        pin=header.pin,
-                        name=header.name,
-                        metadata=metadata,
-                        byte_budget=budget,
-                    )
-                except QuotaExceeded as e:
-                    raise LimitExceeded(
-                        f"namespace {model.namespace!r} quota exceeded: {quota - e.budget} bytes stored in"
-                        f" other contexts + {e.total_bytes} in this one > quota_bytes {quota};"
-                        " nothing was stored"
-                    ) from None
+            try:
+                # The store checks the budget again under the namespace's lease, with its commit: two
+                # uploads on two front ends that each fit cannot both pass.
+                return await self.store.put(
+                    model,
+                    list(header.token_ids.ids),
+                    chunks,
+                    ttl=ttl,
+                    pin=header.pin,
+                    name=header.name,
+                    metadata=metadata,
+                    byte_budget=budget if quota else None,
+                )
+            except QuotaExceeded as e:
+                raise LimitExceeded(
+                    f"namespace {model.namespace!r} quota exceeded: {quota - e.budget} bytes stored in"
+                    f" other contexts + {e.total_bytes} in this one > quota_bytes {quota};"
+                    " nothing was stored"
+                ) from None
 
         # Once validated, the commit runs to completion even if the client goes away: a half-written
         # commit would leave chunk records without their manifest.
@@ -674,8 +667,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
         Usage is the ``total_bytes`` of the namespace's other committed contexts (a chunk shared by
         several contexts counts in each: conservative); the context's own manifest after the put is
-        checked against the rest by ``ChunkStore.put``. The caller holds the namespace's lease, so no
-        other front end commits in between.
+        checked against the rest by ``ChunkStore.put``, under the namespace's lease.
         """
         infos = await self.store.list_contexts(namespace, limit=_ALL_CONTEXTS)
         return quota - sum(i.total_bytes for i in infos if i.context_id != context_id)

@@ -11,11 +11,11 @@ Key scheme (the ``{hash tag}`` keeps every key of one chunk on one Redis Cluster
     kvs:{ns:ctxid}:man     MANIFEST envelope (pb.Manifest); context id = hash of the context's last chunk
     kvs:{ns:name:N}:name   NAME_INDEX envelope (body: the context id) for lookups by human name
     kvs:{ns:lease}:lease   a namespace lease (random owner token, short TTL) held across front ends
-                           while a quota check and its commit run (``namespace_lease``)
+                           by every commit, delete and pin of the namespace (``namespace_lease``)
 
-Write order of a put: blobs, refs/pins sets, chunk records, manifest last, so an interrupted upload is
-never visible as a context. Everything is content-addressed, so concurrent writers of one context write
-the same bytes and the last manifest wins. Every record is verified on read (``open_envelope``); a record
+Write order of a put: blobs (no lock: content-addressed, invisible until a record lists them), then under
+the lease refs/pins sets, chunk records, manifest last, so an interrupted upload is never visible as a
+context and no two commits, deletes or pins of a namespace interleave. Every record is verified on read (``open_envelope``); a record
 that fails is treated as a miss, counted in ``kvstream_corrupt_records`` and logged with its key.
 """
 
@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,29 +132,53 @@ def _chunk_keys(ns: str, chunk_hash: bytes, sidecars: Iterable[str]) -> list[str
 
 
 def _context_bytes(
-    old_man: pb.Manifest | None, old_recs: Sequence[pb.ChunkInfo | None], chunks: Sequence[ChunkBlobs]
+    old_man: pb.Manifest | None,
+    old_recs: Sequence[pb.ChunkInfo | None],
+    chunks: Sequence[ChunkBlobs],
+    records: Sequence[pb.ChunkInfo],
 ) -> tuple[dict[int, int], int]:
     """``(bytes per level, total bytes)`` of a context's manifest after a put of ``chunks``.
 
-    A first put counts what it uploads. A re-put starts from the stored manifest and adds only the
-    levels and sidecars the chunk records did not list yet: re-sending stored blobs (a retry) adds
-    nothing, and storing levels one put at a time cannot hide bytes from a quota.
+    Levels: every level its merged chunk ``records`` list, whoever stored it (a level another context
+    left in a shared chunk stays readable through this one, so it counts here too; conservative). A
+    retry or a re-put therefore adds only what is new. Sidecars (records hold names, not sizes): the
+    stored manifest's sidecar bytes plus the uploaded sidecars its records did not list yet.
     """
     level_bytes: dict[int, int] = defaultdict(int)
+    for rec in records:
+        for info in rec.levels:
+            level_bytes[info.level] += info.size_bytes
     sidecar_bytes = 0
     if old_man is not None:
-        for info in old_man.info.level_bytes:
-            level_bytes[info.level] = info.size_bytes
-        sidecar_bytes = old_man.info.total_bytes - sum(level_bytes.values())
+        sidecar_bytes = old_man.info.total_bytes - sum(info.size_bytes for info in old_man.info.level_bytes)
     for ch, old in zip(chunks, old_recs, strict=True):
-        had = old if old_man is not None and old is not None else None
-        have_levels = {info.level for info in had.levels} if had else set()
-        have_sidecars = set(had.sidecars) if had else set()
-        for lv, b in ch.levels.items():
-            if lv not in have_levels:
-                level_bytes[lv] += len(b)
-        sidecar_bytes += sum(len(d) for s, d in ch.sidecars.items() if s not in have_sidecars)
+        had = set(old.sidecars) if old_man is not None and old is not None else set()
+        sidecar_bytes += sum(len(d) for s, d in ch.sidecars.items() if s not in had)
     return dict(level_bytes), sum(level_bytes.values()) + sidecar_bytes
+
+
+@dataclass(frozen=True)
+class _BlobItem:
+    """One blob of a put: a codec level (``sidecar`` empty) or a named sidecar of chunk ``chunk``."""
+
+    key: str
+    chunk: int
+    level: int
+    sidecar: str
+    data: bytes
+
+
+def _blob_items(ns: str, hashes: Sequence[bytes], chunks: Sequence[ChunkBlobs]) -> list[_BlobItem]:
+    items = [
+        _BlobItem(blob_key(ns, h, lv), i, lv, "", data)
+        for i, (h, ch) in enumerate(zip(hashes, chunks, strict=True))
+        for lv, data in sorted(ch.levels.items())
+    ]
+    return items + [
+        _BlobItem(sidecar_key(ns, h, name), i, 0, name, data)
+        for i, (h, ch) in enumerate(zip(hashes, chunks, strict=True))
+        for name, data in sorted(ch.sidecars.items())
+    ]
 
 
 # ----- values -------------------------------------------------------------------------------------
@@ -201,6 +226,12 @@ class ContextQuery:
     name: str | None = None
 
 
+async def _check_budget(total_bytes: int, byte_budget: int | Callable[[], Awaitable[int]]) -> None:
+    budget = byte_budget if isinstance(byte_budget, int) else await byte_budget()
+    if total_bytes > budget:
+        raise QuotaExceeded(total_bytes, budget)
+
+
 class ChunkStore:
     """Async data model of kvstream over one backend; the gRPC servicer is a thin layer over this.
 
@@ -228,6 +259,7 @@ class ChunkStore:
         self.max_blob_bytes = max_blob_bytes
         self.max_context_chunks = max_context_chunks
         self.hot_cache = HotChunkCache(hot_cache_bytes)
+        self._local_leases: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # ----- coordination -------------------------------------------------------------------------
 
@@ -241,21 +273,29 @@ class ChunkStore:
         front end that dies holding it blocks the others for at most ``ttl``. Waits up to ``wait``
         seconds (polling with backoff), then raises ``NamespaceBusy``. Release deletes the key only if
         it still holds our token (it may have expired and been taken over by a slower commit's peer).
-        Used to make a quota check and its commit atomic across front ends.
+        Held by every commit, delete and pin/unpin of the namespace (and so by a quota check and its
+        commit).
         """
         key, token = lease_key(namespace), os.urandom(16)
         deadline = time.monotonic() + wait
-        delay = 0.002
-        while not await self.backend.put_if_absent(key, token, ttl):
-            if time.monotonic() >= deadline:
-                raise NamespaceBusy(f"namespace {namespace!r} is busy (another upload holds its lease)")
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, 0.05)
+        try:  # this process's waiters queue locally instead of polling the backend's key
+            await asyncio.wait_for(self._local_leases[namespace].acquire(), wait)
+        except TimeoutError:
+            raise NamespaceBusy(f"namespace {namespace!r} is busy (another commit holds its lease)") from None
         try:
-            yield
+            delay = 0.002
+            while not await self.backend.put_if_absent(key, token, ttl):
+                if time.monotonic() >= deadline:
+                    raise NamespaceBusy(f"namespace {namespace!r} is busy (another commit holds its lease)")
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.05)
+            try:
+                yield
+            finally:
+                if await self.backend.get(key) == token:
+                    await self.backend.delete_many([key])
         finally:
-            if await self.backend.get(key) == token:
-                await self.backend.delete_many([key])
+            self._local_leases[namespace].release()
 
     # ----- verification helpers ---------------------------------------------------------------
 
@@ -378,15 +418,23 @@ class ChunkStore:
         pin: bool = False,
         name: str = "",
         metadata: Mapping[str, str] | None = None,
-        byte_budget: int | None = None,
+        byte_budget: int | Callable[[], Awaitable[int]] | None = None,
     ) -> PutResult:
         """Store and commit a context: one ``ChunkBlobs`` per full chunk of ``token_ids``, in order.
 
-        ``ttl`` in seconds (None/0 = ``default_ttl``); ``pin`` stores every key without expiry.
-        Idempotent; blobs already stored are not rewritten (dedup) but their TTL is refreshed. A re-put
-        adds to the context: its manifest then counts the levels and sidecars of both puts, and keeps
-        its creation time. ``byte_budget``: the most ``total_bytes`` the context may have after this put
-        (a quota); ``QuotaExceeded`` before anything is written otherwise.
+        ``ttl`` in seconds (None/0 = ``default_ttl``); ``pin`` stores every key without expiry. A put
+        never shortens the expiry of a chunk other contexts share. Idempotent; blobs already stored are
+        not rewritten (dedup). A re-put adds to the context: its manifest then counts the levels and
+        sidecars of both puts, and keeps its creation time.
+
+        The blobs are written first, without a lock (content-addressed, invisible until a record lists
+        them); the commit (refcounts, records, manifest, name) then runs under the namespace's lease, so
+        it never interleaves with another commit, a delete or a pin of the namespace on any front end,
+        and it rewrites a blob that a delete freed in between.
+        ``byte_budget``: the most ``total_bytes`` the context may have after this put (a quota), or an
+        async callable returning it; checked before any blob is written and again under the lease.
+        ``QuotaExceeded`` otherwise (blobs written before a failed second check are unreferenced and
+        expire with ``ttl``).
         """
         ns = model.namespace
         hashes = self.context_hashes(model, token_ids)
@@ -397,54 +445,149 @@ class ChunkStore:
         if ttl is not None and ttl < 0:
             raise InvalidRequest(f"ttl must be >= 0, got {ttl}")
         self._check_chunks(model, len(hashes), chunks)
-        ctx = hashes[-1]
-        man_key = manifest_key(ns, ctx)
         ttl_s = float(ttl) if ttl else self.default_ttl
+        if byte_budget is not None:
+            old_man, old_recs = await self._stored_state(model, hashes)
+            records = [
+                self._merged_record(model, i, h, ch, old, set())
+                for i, (h, ch, old) in enumerate(zip(hashes, chunks, old_recs, strict=True))
+            ]
+            await _check_budget(_context_bytes(old_man, old_recs, chunks, records)[1], byte_budget)
 
+        items = _blob_items(ns, hashes, chunks)
+        present = await self.backend.exists_many([it.key for it in items])
+        new = [it for it, exists in zip(items, present, strict=True) if not exists]
+        await self.backend.put_many([(it.key, self._seal_blob(model, it)) for it in new], ttl_s)
+        kept = {
+            (it.chunk, it.level)
+            for it, exists in zip(items, present, strict=True)
+            if exists and not it.sidecar
+        }
+        async with self.namespace_lease(ns):
+            dedup, rewritten = await self._commit(
+                model, token_ids, hashes, chunks, items, kept, ttl, pin, name, metadata, byte_budget
+            )
+        n = model.chunk_tokens
+        written = sum(len(it.data) for it in new) + rewritten
+        return PutResult(hashes[-1], len(hashes), len(hashes) * n, written, dedup)
+
+    async def _stored_state(
+        self, model: ModelKey, hashes: Sequence[bytes]
+    ) -> tuple[pb.Manifest | None, list[pb.ChunkInfo | None]]:
+        """The context's stored manifest and each chunk's stored record (None where missing)."""
+        ns = model.namespace
+        man_key = manifest_key(ns, hashes[-1])
         rec_keys = [record_key(ns, h) for h in hashes]
         old_man_raw, *old_recs_raw = await self.backend.get_many([man_key, *rec_keys])
-        old_man = self._parse_manifest(man_key, old_man_raw)
-        pin = pin or (old_man is not None and old_man.info.pinned)  # re-putting never unpins
-        pin_sets = await asyncio.gather(*(self.backend.set_members(pins_key(ns, h)) for h in hashes))
-        # A chunk some pinned context holds stays pinned whatever this put's TTL is.
-        chunk_ttl = [None if pin or (pins - {ctx}) else ttl_s for pins in pin_sets]
         old_recs = [
             self._parse_record(k, r, h, i)
             for i, (k, r, h) in enumerate(zip(rec_keys, old_recs_raw, hashes, strict=True))
         ]
-        level_bytes, total_bytes = _context_bytes(old_man, old_recs, chunks)
-        if byte_budget is not None and total_bytes > byte_budget:
-            raise QuotaExceeded(total_bytes, byte_budget)
+        return self._parse_manifest(man_key, old_man_raw), old_recs
 
-        # 1. blobs: write the missing ones, refresh the TTL of the others.
-        blob_items = [
-            (i, blob_key(ns, h, lv), Kind.CHUNK, lv, data)
-            for i, (h, ch) in enumerate(zip(hashes, chunks, strict=True))
-            for lv, data in sorted(ch.levels.items())
-        ] + [
-            (i, sidecar_key(ns, h, s), Kind.SIDECAR, 0, data)
-            for i, (h, ch) in enumerate(zip(hashes, chunks, strict=True))
-            for s, data in sorted(ch.sidecars.items())
+    @staticmethod
+    def _merged_record(
+        model: ModelKey,
+        index: int,
+        chunk_hash: bytes,
+        chunk: ChunkBlobs,
+        old: pb.ChunkInfo | None,
+        kept: set[tuple[int, int]],
+    ) -> pb.ChunkInfo:
+        """Chunk ``index``'s record after the put: the stored one's levels and sidecars plus this put's."""
+        sizes = {lv.level: (lv.size_bytes, lv.xxh3_64) for lv in old.levels} if old else {}
+        for lv, b in chunk.levels.items():
+            if (index, lv) not in kept or lv not in sizes:  # a blob kept from an earlier put keeps its digest
+                sizes[lv] = (len(b), xxhash.xxh3_64_intdigest(b))
+        n = model.chunk_tokens
+        return pb.ChunkInfo(
+            index=index,
+            hash=chunk_hash,
+            token_start=index * n,
+            token_end=(index + 1) * n,
+            levels=[
+                pb.LevelInfo(level=lv, size_bytes=sz, xxh3_64=digest)
+                for lv, (sz, digest) in sorted(sizes.items())
+            ],
+            sidecars=sorted(set(old.sidecars if old else ()) | set(chunk.sidecars)),
+        )
+
+    @staticmethod
+    def _seal_blob(model: ModelKey, item: _BlobItem) -> bytes:
+        if item.sidecar:
+            return seal(item.key, Envelope(Kind.SIDECAR, model.model_id, item.data))
+        codec_id = codec.inspect(item.data).codec_id
+        return seal(
+            item.key, Envelope(Kind.CHUNK, model.model_id, item.data, codec_id=codec_id, level=item.level)
+        )
+
+    async def _expiry(self, key: str) -> float:
+        """Seconds ``key`` has left: ``inf`` if it never expires, 0 if it is missing."""
+        try:
+            left = await self.backend.get_ttl(key)
+        except KeyError:
+            return 0.0
+        return math.inf if left is None else left
+
+    async def _commit(
+        self,
+        model: ModelKey,
+        token_ids: Sequence[int] | np.ndarray,
+        hashes: Sequence[bytes],
+        chunks: Sequence[ChunkBlobs],
+        items: Sequence[_BlobItem],
+        kept: set[tuple[int, int]],
+        ttl: float | None,
+        pin: bool,
+        name: str,
+        metadata: Mapping[str, str] | None,
+        byte_budget: int | Callable[[], Awaitable[int]] | None,
+    ) -> tuple[int, int]:
+        """The locked half of ``put``; returns ``(chunks already recorded, bytes rewritten)``."""
+        ns = model.namespace
+        ttl_s = float(ttl) if ttl else self.default_ttl
+        ctx = hashes[-1]
+        man_key = manifest_key(ns, ctx)
+        old_man, old_recs = await self._stored_state(model, hashes)
+        pin = pin or (old_man is not None and old_man.info.pinned)  # re-putting never unpins
+        pin_sets = await asyncio.gather(*(self.backend.set_members(pins_key(ns, h)) for h in hashes))
+        left = await asyncio.gather(
+            *(
+                self._expiry(record_key(ns, h))
+                for h, old in zip(hashes, old_recs, strict=True)
+                if old is not None
+            )
+        )
+        stored_left = iter(left)
+        chunk_ttl: list[float | None] = []
+        for pins, old in zip(pin_sets, old_recs, strict=True):
+            remaining = next(stored_left) if old is not None else 0.0
+            if pin or (pins - {ctx}):  # a chunk some pinned context holds stays pinned
+                chunk_ttl.append(None)
+            else:  # never shorten what other contexts rely on (an unpinned chunk with no expiry: a leak)
+                chunk_ttl.append(max(ttl_s, remaining if remaining < math.inf else 0.0))
+        records = [
+            self._merged_record(model, i, h, ch, old, kept)
+            for i, (h, ch, old) in enumerate(zip(hashes, chunks, old_recs, strict=True))
         ]
-        present = await self.backend.exists_many([k for _, k, *_ in blob_items])
-        new_by_ttl: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
-        old_by_ttl: dict[float | None, list[str]] = defaultdict(list)
-        bytes_written = 0
-        kept: set[tuple[int, int]] = set()  # (chunk, level) blobs already stored: their bytes stay
-        for (i, key, kind, lv, data), exists in zip(blob_items, present, strict=True):
+        level_bytes, total_bytes = _context_bytes(old_man, old_recs, chunks, records)
+        if byte_budget is not None:
+            await _check_budget(total_bytes, byte_budget)
+
+        # 1. blobs: rewrite any a delete freed since they were written or found, set every TTL.
+        present = await self.backend.exists_many([it.key for it in items])
+        gone: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
+        keep: dict[float | None, list[str]] = defaultdict(list)
+        for it, exists in zip(items, present, strict=True):
             if exists:
-                old_by_ttl[chunk_ttl[i]].append(key)
-                if kind == Kind.CHUNK:
-                    kept.add((i, lv))
-                continue
-            codec_id = codec.inspect(data).codec_id if kind == Kind.CHUNK else 0
-            env = Envelope(kind, model.model_id, data, codec_id=codec_id, level=lv)
-            new_by_ttl[chunk_ttl[i]].append((key, seal(key, env)))
-            bytes_written += len(data)
-        for t, items in new_by_ttl.items():
-            await self.backend.put_many(items, t)
-        for t, keys in old_by_ttl.items():
+                keep[chunk_ttl[it.chunk]].append(it.key)
+            else:
+                gone[chunk_ttl[it.chunk]].append((it.key, self._seal_blob(model, it)))
+        for t, pairs in gone.items():
+            await self.backend.put_many(pairs, t)
+        for t, keys in keep.items():
             await self.backend.set_ttl(keys, t)
+        rewritten = sum(len(it.data) for it, exists in zip(items, present, strict=True) if not exists)
 
         # 2. refcount and pin sets.
         await asyncio.gather(
@@ -453,33 +596,17 @@ class ChunkStore:
         if pin:
             await asyncio.gather(*(self.backend.set_add(pins_key(ns, h), [ctx], None) for h in hashes))
 
-        # 3. chunk records (merged with what an earlier writer recorded), 4. manifest, 5. name.
+        # 3. chunk records, 4. manifest, 5. name.
         recs_by_ttl: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
-        n = model.chunk_tokens
-        for i, (h, ch, old) in enumerate(zip(hashes, chunks, old_recs, strict=True)):
-            sizes = {lv.level: (lv.size_bytes, lv.xxh3_64) for lv in old.levels} if old else {}
-            for lv, b in ch.levels.items():
-                if (i, lv) not in kept or lv not in sizes:  # a blob kept from an earlier put keeps its digest
-                    sizes[lv] = (len(b), xxhash.xxh3_64_intdigest(b))
-            sidecars = sorted(set(old.sidecars if old else ()) | set(ch.sidecars))
-            info = pb.ChunkInfo(
-                index=i,
-                hash=h,
-                token_start=i * n,
-                token_end=(i + 1) * n,
-                levels=[
-                    pb.LevelInfo(level=lv, size_bytes=sz, xxh3_64=digest)
-                    for lv, (sz, digest) in sorted(sizes.items())
-                ],
-                sidecars=sidecars,
-            )
-            key = rec_keys[i]
-            recs_by_ttl[chunk_ttl[i]].append(
+        for h, info, t in zip(hashes, records, chunk_ttl, strict=True):
+            key = record_key(ns, h)
+            recs_by_ttl[t].append(
                 (key, seal(key, Envelope(Kind.CHUNK_RECORD, model.model_id, info.SerializeToString())))
             )
-        for t, items in recs_by_ttl.items():
-            await self.backend.put_many(items, t)
+        for t, pairs in recs_by_ttl.items():
+            await self.backend.put_many(pairs, t)
 
+        n = model.chunk_tokens
         name = name or (old_man.info.name if old_man else "")
         man_ttl = None if pin else ttl_s
         man = pb.Manifest(
@@ -506,8 +633,7 @@ class ChunkStore:
         if name:
             nk = name_key(ns, name)
             await self.backend.put(nk, seal(nk, Envelope(Kind.NAME_INDEX, model.model_id, ctx)), man_ttl)
-        dedup = sum(1 for r in old_recs if r is not None)
-        return PutResult(ctx, len(hashes), len(hashes) * n, bytes_written, dedup)
+        return sum(1 for r in old_recs if r is not None), rewritten
 
     # ----- lookup and reads -------------------------------------------------------------------
 
@@ -651,29 +777,38 @@ class ChunkStore:
     async def delete(self, model: ModelKey, query: ContextQuery) -> int:
         """Drop a context; frees chunks no other context references. Returns the chunks freed."""
         ns = model.namespace
-        ctx = await self.resolve(model, query)
-        man = await self.manifest(ns, ctx)
-        await self.backend.delete_many([manifest_key(ns, ctx)])  # invisible first
-        hashes = list(man.chunk_hashes)
-        records = await self._records(ns, hashes)
+        async with self.namespace_lease(ns):
+            ctx = await self.resolve(model, query)
+            man = await self.manifest(ns, ctx)
+            await self.backend.delete_many([manifest_key(ns, ctx)])  # invisible first
+            hashes = list(man.chunk_hashes)
+            records = await self._records(ns, hashes)
 
-        async def release(h: bytes, rec: pb.ChunkInfo | None) -> bool:
-            refs_left = await self.backend.set_remove(refs_key(ns, h), [ctx])
-            pins_left = await self.backend.set_remove(pins_key(ns, h), [ctx])
-            keys = _chunk_keys(ns, h, rec.sidecars if rec else ())
-            if refs_left == 0:
-                await self.backend.delete_many(keys)
-                for key in keys:
-                    self.hot_cache.discard(key)
-                self.metrics.hot_cache_bytes.set(self.hot_cache.stats().bytes)
-                return True
-            if man.info.pinned and pins_left == 0:
-                await self.backend.set_ttl(keys, self.default_ttl)
-            return False
+            async def release(h: bytes, rec: pb.ChunkInfo | None) -> bool:
+                refs_left = await self.backend.set_remove(refs_key(ns, h), [ctx])
+                pins_left = await self.backend.set_remove(pins_key(ns, h), [ctx])
+                keys = _chunk_keys(ns, h, rec.sidecars if rec else ())
+                if refs_left == 0:
+                    await self.backend.delete_many(keys)
+                    for key in keys:
+                        self.hot_cache.discard(key)
+                    self.metrics.hot_cache_bytes.set(self.hot_cache.stats().bytes)
+                    return True
+                if man.info.pinned and pins_left == 0:
+                    await self.backend.set_ttl(keys, await self._unpinned_ttl(ns, h, ctx, self.default_ttl))
+                return False
 
-        freed = await asyncio.gather(*(release(h, r) for h, r in zip(hashes, records, strict=True)))
-        await self._drop_name(ns, man.info.name, ctx)
+            freed = await asyncio.gather(*(release(h, r) for h, r in zip(hashes, records, strict=True)))
+            await self._drop_name(ns, man.info.name, ctx)
         return sum(freed)
+
+    async def _unpinned_ttl(self, ns: str, chunk_hash: bytes, ctx: bytes, floor: float) -> float | None:
+        """TTL for chunk ``chunk_hash`` once ``ctx`` no longer pins it: at least ``floor``, and as long as
+        the longest-lived other context referencing it still has (``None``: one never expires)."""
+        others = await self.backend.set_members(refs_key(ns, chunk_hash)) - {ctx}
+        left = await asyncio.gather(*(self._expiry(manifest_key(ns, other)) for other in others))
+        longest = max([floor, *left])
+        return None if longest == math.inf else longest
 
     async def _drop_name(self, ns: str, name: str, ctx: bytes) -> None:
         if not name:
@@ -686,33 +821,37 @@ class ChunkStore:
     async def set_pinned(self, model: ModelKey, query: ContextQuery, pinned: bool) -> tuple[bool, int]:
         """Pin (no TTL, never evicted) or unpin a context; returns ``(pinned, chunks)``.
 
-        Unpinning restores the context's TTL on chunks that no other pinned context holds.
+        Unpinning restores the context's TTL on chunks that no other pinned context holds (or the longer
+        remaining TTL of another context sharing the chunk).
         """
         ns = model.namespace
-        ctx = await self.resolve(model, query)
-        man = await self.manifest(ns, ctx)
-        hashes = list(man.chunk_hashes)
-        records = await self._records(ns, hashes)
-        ttl = man.info.ttl_seconds if man.info.ttl_seconds > 0 else self.default_ttl
+        async with self.namespace_lease(ns):  # a delete in between must not be undone by our manifest
+            ctx = await self.resolve(model, query)
+            man = await self.manifest(ns, ctx)
+            hashes = list(man.chunk_hashes)
+            records = await self._records(ns, hashes)
+            ttl = man.info.ttl_seconds if man.info.ttl_seconds > 0 else self.default_ttl
 
-        async def apply(h: bytes, rec: pb.ChunkInfo | None) -> None:
-            keys = _chunk_keys(ns, h, rec.sidecars if rec else ())
-            if pinned:
-                await self.backend.set_add(pins_key(ns, h), [ctx], None)
-                await self.backend.set_add(refs_key(ns, h), [ctx], None)
-                await self.backend.set_ttl(keys, None)
-            elif await self.backend.set_remove(pins_key(ns, h), [ctx]) == 0:
-                await self.backend.set_ttl(keys, ttl)
+            async def apply(h: bytes, rec: pb.ChunkInfo | None) -> None:
+                keys = _chunk_keys(ns, h, rec.sidecars if rec else ())
+                if pinned:
+                    await self.backend.set_add(pins_key(ns, h), [ctx], None)
+                    await self.backend.set_add(refs_key(ns, h), [ctx], None)
+                    await self.backend.set_ttl(keys, None)
+                elif await self.backend.set_remove(pins_key(ns, h), [ctx]) == 0:
+                    await self.backend.set_ttl(keys, await self._unpinned_ttl(ns, h, ctx, ttl))
 
-        await asyncio.gather(*(apply(h, r) for h, r in zip(hashes, records, strict=True)))
-        man.info.pinned = pinned
-        key = manifest_key(ns, ctx)
-        man_ttl = None if pinned else ttl
-        await self.backend.put(
-            key, seal(key, Envelope(Kind.MANIFEST, man.info.model.model_id, man.SerializeToString())), man_ttl
-        )
-        if man.info.name:
-            await self.backend.set_ttl([name_key(ns, man.info.name)], man_ttl)
+            await asyncio.gather(*(apply(h, r) for h, r in zip(hashes, records, strict=True)))
+            man.info.pinned = pinned
+            key = manifest_key(ns, ctx)
+            man_ttl = None if pinned else ttl
+            await self.backend.put(
+                key,
+                seal(key, Envelope(Kind.MANIFEST, man.info.model.model_id, man.SerializeToString())),
+                man_ttl,
+            )
+            if man.info.name:
+                await self.backend.set_ttl([name_key(ns, man.info.name)], man_ttl)
         return pinned, len(hashes)
 
     async def _manifests(self, ns: str | None) -> list[tuple[str, pb.Manifest]]:

@@ -27,6 +27,7 @@ from kvstore.store import (
     lease_key,
     manifest_key,
     record_key,
+    refs_key,
 )
 
 N = 16  # chunk_tokens
@@ -237,6 +238,70 @@ async def test_levels_and_sidecars_accumulate(store: ChunkStore, model: ModelKey
     (chunk,) = (await store.lookup(model, ids)).chunks
     assert [lv.level for lv in chunk.levels] == [0, 2] and list(chunk.sidecars) == ["sparse.idx"]
     assert await store.read_sidecar(model, chunk, "sparse.idx") == b"\x01\x02"
+
+
+async def test_a_put_never_shortens_what_a_sharing_context_needs(store: ChunkStore, model: ModelKey) -> None:
+    backend, ns = store.backend, model.namespace
+    a_ids, b_ids = list(range(2 * N)), list(range(N)) + [7] * N  # chunk 0 shared
+    await store.put(model, a_ids, _blobs(_kv(2 * N)), ttl=3000)
+    await store.put(model, b_ids, _blobs(_kv(2 * N)), ttl=5)  # a short-lived context over a's chunk 0
+    h0, hb1 = chunk_hashes(model, a_ids)[0], chunk_hashes(model, b_ids)[1]
+    for key in (blob_key(ns, h0, 0), record_key(ns, h0), refs_key(ns, h0)):
+        assert 2900 < (await backend.get_ttl(key) or 0) <= 3000, key  # not 5 s: a would lose its head
+    assert 0 < (await backend.get_ttl(record_key(ns, hb1)) or 0) <= 5  # b's own chunk: b's TTL
+
+    # Unpinning (or deleting) a pinned context keeps the longest TTL another context needs.
+    c_ids = list(range(N)) + [8] * N
+    await store.put(model, c_ids, _blobs(_kv(2 * N)), pin=True)
+    assert await backend.get_ttl(record_key(ns, h0)) is None
+    await store.set_pinned(model, ContextQuery(token_ids=c_ids), False)  # c's own TTL: 3600 (default)
+    assert 3500 < (await backend.get_ttl(record_key(ns, h0)) or 0) <= 3600
+    await store.set_pinned(model, ContextQuery(token_ids=c_ids), True)
+    await store.delete(model, ContextQuery(token_ids=c_ids))
+    assert 2900 < (await backend.get_ttl(record_key(ns, h0)) or 0) <= 3600
+
+
+async def test_commits_deletes_and_pins_of_a_namespace_do_not_interleave(
+    store: ChunkStore, model: ModelKey
+) -> None:
+    kv = _kv(2 * N, 3)
+    ids = list(range(2 * N))
+    # Two puts of one context with different levels: both levels stay listed and counted.
+    await asyncio.gather(store.put(model, ids, _blobs(kv, (0,))), store.put(model, ids, _blobs(kv, (2,))))
+    look = await store.lookup(model, ids)
+    assert [[lv.level for lv in c.levels] for c in look.chunks] == [[0, 2], [0, 2]]
+    info = await store.get_context(model, ContextQuery(token_ids=ids))
+    assert sorted(lv.level for lv in info.level_bytes) == [0, 2]
+    # A delete racing a put of a context that shares a chunk: the put's context stays whole.
+    b_ids = ids[:N] + [9] * N
+    _, b = await asyncio.gather(
+        store.delete(model, ContextQuery(token_ids=ids)), store.put(model, b_ids, _blobs(kv, (0,)))
+    )
+    look = await store.lookup(model, b_ids)
+    assert look.prefix_chunks == 2
+    for c in look.chunks:
+        assert await store.read_blob(model, c, 0, cached=False) is not None, c.index
+    # A pin racing the delete of its context: either order, never a context without chunks.
+    results = await asyncio.gather(
+        store.set_pinned(model, ContextQuery(context_id=b.context_id), True),
+        store.delete(model, ContextQuery(context_id=b.context_id)),
+        return_exceptions=True,
+    )
+    assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, ContextNotFound)]
+    assert await store.list_contexts(model.namespace) == []
+
+
+async def test_a_context_counts_the_levels_its_shared_chunks_keep(store: ChunkStore, model: ModelKey) -> None:
+    # c stores levels 0 and 4; a (c's first chunk) uploads level 4 only, but level 0 of that chunk is
+    # readable through a too, and stays stored after c is deleted: a's manifest must count it.
+    kv = _kv(2 * N, 5)
+    c_ids = list(range(2 * N))
+    both = _blobs(kv, (0, 4))
+    await store.put(model, c_ids, both)
+    await store.put(model, c_ids[:N], _blobs(kv[:, :, :N], (4,)))
+    await store.delete(model, ContextQuery(token_ids=c_ids))
+    info = await store.get_context(model, ContextQuery(token_ids=c_ids[:N]))
+    assert info.total_bytes == len(both[0].levels[0]) + len(both[0].levels[4])
 
 
 async def test_a_reput_adds_to_the_manifest_and_a_budget_refuses_before_writing(
