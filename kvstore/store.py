@@ -9,14 +9,16 @@ Key scheme (the ``{hash tag}`` keeps every key of one chunk on one Redis Cluster
     kvs:{tag}:refs         set of context ids referencing the chunk (refcount for delete)
     kvs:{tag}:pins         set of pinned context ids referencing the chunk (pinned iff non-empty)
     kvs:{ns:ctxid}:man     MANIFEST envelope (pb.Manifest); context id = hash of the context's last chunk
-    kvs:{ns:name:N}:name   NAME_INDEX envelope (body: the context id) for lookups by human name
+    kvs:{ns:name}:N        NAME_INDEX envelope (body: the context id) for lookups by human name
+                           (before: kvs:{ns:name:N}:name, still read: ``legacy_name_key``)
     kvs:{ns:lease}:lease   a namespace lease (random owner token, short TTL) held across front ends
                            by every commit, delete and pin of the namespace (``namespace_lease``)
 
 Write order of a put: blobs (no lock: content-addressed, invisible until a record lists them), then under
 the lease refs/pins sets, chunk records, manifest last, so an interrupted upload is never visible as a
-context and no two commits, deletes or pins of a namespace interleave. Every record is verified on read (``open_envelope``); a record
-that fails is treated as a miss, counted in ``kvstream_corrupt_records`` and logged with its key.
+context and no two commits, deletes or pins of a namespace interleave. Every record is verified on read
+(``open_envelope``); a record that fails is treated as a miss, counted in ``kvstream_corrupt_records``
+and logged with its key.
 """
 
 from __future__ import annotations
@@ -113,6 +115,13 @@ def manifest_key(ns: str, context_id: bytes) -> str:
 
 
 def name_key(ns: str, name: str) -> str:
+    # "}" can occur in neither part, and the tag is the namespace plus a fixed suffix: one key per pair.
+    return "kvs:{" + ns + ":name}:" + name
+
+
+def legacy_name_key(ns: str, name: str) -> str:
+    """The name index key written before format 2 of the name index: ambiguous when a namespace or a name
+    contains ":name:" (("a", "x:name:y") and ("a:name:x", "y") share it). Read and dropped, never written."""
     return "kvs:{" + ns + ":name:" + name + "}:name"
 
 
@@ -735,11 +744,22 @@ class ChunkStore:
             return hashes[-1]
         if query.name:
             check_context_name(query.name)
-            key = name_key(model.namespace, query.name)
+            ns = model.namespace
+            key = name_key(ns, query.name)
             env = self._open(key, await self.backend.get(key), Kind.NAME_INDEX)
-            if env is None or len(env.body) != HASH_BYTES:
-                raise ContextNotFound(f"no context named {query.name!r} in namespace {model.namespace!r}")
-            return env.body
+            if env is not None and len(env.body) == HASH_BYTES:
+                return env.body
+            # A context named before the key format changed. The old key is ambiguous across namespaces,
+            # so it counts only if this namespace holds a context of that id under that very name.
+            key = legacy_name_key(ns, query.name)
+            env = self._open(key, await self.backend.get(key), Kind.NAME_INDEX)
+            if env is not None and len(env.body) == HASH_BYTES:
+                man = self._parse_manifest(
+                    manifest_key(ns, env.body), await self.backend.get(manifest_key(ns, env.body))
+                )
+                if man is not None and man.info.name == query.name:
+                    return env.body
+            raise ContextNotFound(f"no context named {query.name!r} in namespace {ns!r}")
         raise InvalidRequest("a context reference needs token ids, a context id or a name")
 
     async def manifest(self, ns: str, context_id: bytes) -> pb.Manifest:
@@ -810,13 +830,18 @@ class ChunkStore:
         longest = max([floor, *left])
         return None if longest == math.inf else longest
 
-    async def _drop_name(self, ns: str, name: str, ctx: bytes) -> None:
+    async def _name_keys(self, ns: str, name: str, ctx: bytes) -> list[str]:
+        """The name index keys (current and legacy) that name context ``ctx``."""
         if not name:
-            return
-        key = name_key(ns, name)
-        env = self._open(key, await self.backend.get(key), Kind.NAME_INDEX)
-        if env is not None and env.body == ctx:
-            await self.backend.delete_many([key])
+            return []
+        keys = [name_key(ns, name), legacy_name_key(ns, name)]
+        raws = await self.backend.get_many(keys)
+        envs = [self._open(k, raw, Kind.NAME_INDEX) for k, raw in zip(keys, raws, strict=True)]
+        return [k for k, env in zip(keys, envs, strict=True) if env is not None and env.body == ctx]
+
+    async def _drop_name(self, ns: str, name: str, ctx: bytes) -> None:
+        if keys := await self._name_keys(ns, name, ctx):
+            await self.backend.delete_many(keys)
 
     async def set_pinned(self, model: ModelKey, query: ContextQuery, pinned: bool) -> tuple[bool, int]:
         """Pin (no TTL, never evicted) or unpin a context; returns ``(pinned, chunks)``.
@@ -850,8 +875,8 @@ class ChunkStore:
                 seal(key, Envelope(Kind.MANIFEST, man.info.model.model_id, man.SerializeToString())),
                 man_ttl,
             )
-            if man.info.name:
-                await self.backend.set_ttl([name_key(ns, man.info.name)], man_ttl)
+            if names := await self._name_keys(ns, man.info.name, ctx):
+                await self.backend.set_ttl(names, man_ttl)
         return pinned, len(hashes)
 
     async def _manifests(self, ns: str | None) -> list[tuple[str, pb.Manifest]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 import codec
 from kvstore.backends import BackendError, StorageBackend, open_backend
-from kvstore.envelope import Kind, open_envelope
+from kvstore.envelope import Envelope, Kind, open_envelope, seal
 from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.rpc import pb
 from kvstore.store import (
@@ -25,7 +26,9 @@ from kvstore.store import (
     QuotaExceeded,
     blob_key,
     lease_key,
+    legacy_name_key,
     manifest_key,
+    name_key,
     record_key,
     refs_key,
 )
@@ -238,6 +241,31 @@ async def test_levels_and_sidecars_accumulate(store: ChunkStore, model: ModelKey
     (chunk,) = (await store.lookup(model, ids)).chunks
     assert [lv.level for lv in chunk.levels] == [0, 2] and list(chunk.sidecars) == ["sparse.idx"]
     assert await store.read_sidecar(model, chunk, "sparse.idx") == b"\x01\x02"
+
+
+async def test_names_are_per_namespace_even_with_colons(store: ChunkStore, model: ModelKey) -> None:
+    # The old name key "{ns:name:N}" was shared by ("a", "prod:name:doc") and ("a:name:prod", "doc").
+    other = dataclasses.replace(model, namespace=model.namespace + ":name:prod")
+    mine = await store.put(model, list(range(N)), _blobs(_kv(N, 1)), name="prod:name:doc")
+    theirs = await store.put(other, list(range(N)), _blobs(_kv(N, 2)), name="doc")
+    assert await store.resolve(model, ContextQuery(name="prod:name:doc")) == mine.context_id
+    assert await store.resolve(other, ContextQuery(name="doc")) == theirs.context_id
+    await store.delete(other, ContextQuery(name="doc"))
+    assert await store.resolve(model, ContextQuery(name="prod:name:doc")) == mine.context_id
+
+    # A name written in the old format still resolves, but only to a context of this namespace that
+    # carries that name (the old key may belong to another namespace).
+    ns = model.namespace
+    await store.backend.delete_many([name_key(ns, "prod:name:doc")])
+    old_key = legacy_name_key(ns, "prod:name:doc")
+    await store.backend.put(
+        old_key, seal(old_key, Envelope(Kind.NAME_INDEX, model.model_id, mine.context_id)), None
+    )
+    assert await store.resolve(model, ContextQuery(name="prod:name:doc")) == mine.context_id
+    with pytest.raises(ContextNotFound):  # the same old key seen from the colliding namespace
+        await store.resolve(dataclasses.replace(model, namespace=ns + ":name:prod"), ContextQuery(name="doc"))
+    await store.delete(model, ContextQuery(name="prod:name:doc"))
+    assert await store.backend.get(old_key) is None
 
 
 async def test_a_put_never_shortens_what_a_sharing_context_needs(store: ChunkStore, model: ModelKey) -> None:
