@@ -130,7 +130,13 @@ def lease_key(ns: str) -> str:
 
 
 def _manifest_pattern(ns: str | None) -> str:
-    return "kvs:{*}:man" if ns is None else "kvs:{" + ns + ":*}:man"
+    # A context id is 2*HASH_BYTES hex digits: "*" alone would also match the name key of a context
+    # named "man" (kvs:{ns:name}:man). Globs cannot say "hex": _MANIFEST_KEY checks what comes back.
+    tail = ":" + "?" * (2 * HASH_BYTES) + "}:man"
+    return "kvs:{*" + tail if ns is None else "kvs:{" + ns + tail
+
+
+_MANIFEST_KEY = re.compile(r"kvs:\{.*:[0-9a-f]{" + str(2 * HASH_BYTES) + r"}\}:man")
 
 
 def _chunk_keys(ns: str, chunk_hash: bytes, sidecars: Iterable[str]) -> list[str]:
@@ -881,7 +887,7 @@ class ChunkStore:
 
     async def _manifests(self, ns: str | None) -> list[tuple[str, pb.Manifest]]:
         """All verified manifests of namespace ``ns`` (None = every namespace)."""
-        keys = [k async for k in self.backend.scan(_manifest_pattern(ns))]
+        keys = [k async for k in self.backend.scan(_manifest_pattern(ns)) if _MANIFEST_KEY.fullmatch(k)]
         out: list[tuple[str, pb.Manifest]] = []
         for start in range(0, len(keys), _MANIFEST_BATCH):
             batch = keys[start : start + _MANIFEST_BATCH]

@@ -267,6 +267,11 @@ async def test_names_are_per_namespace_even_with_colons(store: ChunkStore, model
     await store.delete(model, ContextQuery(name="prod:name:doc"))
     assert await store.backend.get(old_key) is None
 
+    # A context named "man": its name key (kvs:{ns:name}:man) is no manifest to list or count as corrupt.
+    named = await store.put(model, list(range(N)), _blobs(_kv(N, 3)), name="man")
+    assert [c.context_id for c in await store.list_contexts(ns)] == [named.context_id]
+    assert _corrupted(store, Kind.MANIFEST) == 0
+
 
 async def test_a_put_never_shortens_what_a_sharing_context_needs(store: ChunkStore, model: ModelKey) -> None:
     backend, ns = store.backend, model.namespace
