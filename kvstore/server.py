@@ -1025,7 +1025,7 @@ class KVStreamServer:
             self.metrics.store_evictions.set(stats.evictions)
             self.metrics.store_partial_read_failures.set(stats.partial_read_failures)
             status = health_pb2.HealthCheckResponse.SERVING
-        except (BackendError, TimeoutError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - anything a probe raises means the backend cannot serve
             reason = str(e) or f"{type(e).__name__} (no answer within the probe timeout)"
             log.warning("health backend=%s status=NOT_SERVING reason=%r", self.backend.name, reason)
             status = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -282,6 +282,33 @@ async def test_lru_order(kind: str, tmp_path: Path) -> None:
         await b.close()
 
 
+@pytest.mark.parametrize("kind", ["memory", "embedded"])
+async def test_expired_keys_make_room_before_live_ones(kind: str, tmp_path: Path) -> None:
+    b = open_backend("memory://?capacity=700" if kind == "memory" else f"embedded://{tmp_path}?capacity=700")
+    try:
+        await b.put("a", b"x" * 299, 3600)  # live, and the least recently used
+        await b.put("b", b"y" * 299, 0.05)
+        await asyncio.sleep(0.1)  # b expired, but no purge ran since (they are rate-limited)
+        await b.put("c", b"z" * 299, 3600)
+        assert await b.get("a") == b"x" * 299
+    finally:
+        await b.close()
+
+
+async def test_a_write_that_does_not_grow_the_store_needs_no_room(tmp_path: Path) -> None:
+    b = EmbeddedBackend(tmp_path / "db")
+    await b.put("pinned", b"x" * 2000, None)
+    await b.set_add("refs", [b"ctx1", b"ctx2"], None)
+    await b.close()
+    b = EmbeddedBackend(tmp_path / "db", capacity=1000)  # reopened below what it holds
+    try:
+        assert await b.set_remove("refs", [b"ctx1"]) == 1  # a delete must not fail for want of room
+        with pytest.raises(BackendFull):
+            await b.put("more", b"y" * 10, 60)
+    finally:
+        await b.close()
+
+
 # -- embedded only ------------------------------------------------------------------------------------
 
 
@@ -395,8 +422,9 @@ async def test_redis_oom_is_backend_full(redis_bin: str) -> None:
         srv.stop()
 
 
-async def test_redis_unreachable_is_backend_error() -> None:
-    b = open_backend("redis://127.0.0.1:1/0?socket_connect_timeout=1")
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1"])
+async def test_redis_unreachable_is_backend_error(url: str) -> None:
+    b = open_backend(url + "?socket_connect_timeout=1")  # the cluster client's error is no RedisError
     try:
         with pytest.raises(BackendError):
             await b.ping()

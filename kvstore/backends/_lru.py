@@ -8,6 +8,7 @@ needs wall time because its times survive restarts).
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -77,19 +78,24 @@ class LruIndex:
         """Keys whose expiry time has passed (O(evictable keys); callers rate-limit it)."""
         return [k for k, exp in self._evictable.items() if exp <= now]
 
-    def victims(self, items: Sequence[tuple[str, int]]) -> list[str]:
-        """LRU keys to evict so that ``items`` (key, new size) fit; raises ``BackendFull`` if they cannot.
+    def victims(self, items: Sequence[tuple[str, int]], now: float) -> list[str]:
+        """Keys to evict so that ``items`` (key, new size) fit; raises ``BackendFull`` if they cannot.
 
-        Keys being written are never victims (their old size is freed by the overwrite itself).
+        Expired keys not yet purged go first (``now``: the clock of the expiry times), then live TTL keys
+        in LRU order. Keys being written are never victims (their old size is freed by the overwrite
+        itself), and a write that does not grow the store evicts nothing even when it is over capacity
+        (e.g. reopened with a smaller one): removing a set member must always work.
         """
         if not self.capacity:
             return []
         new_sizes = dict(items)  # a key repeated in one batch: the last value wins
-        need = self.used + sum(new_sizes.values()) - sum(self.size(k) for k in new_sizes) - self.capacity
-        if need <= 0:
+        growth = sum(new_sizes.values()) - sum(self.size(k) for k in new_sizes)
+        need = self.used + growth - self.capacity
+        if growth <= 0 or need <= 0:
             return []
         out: list[str] = []
-        for key in self._evictable:
+        expired = [k for k, exp in self._evictable.items() if exp <= now]
+        for key in itertools.chain(expired, (k for k in self._evictable if k not in set(expired))):
             if key in new_sizes:
                 continue
             out.append(key)

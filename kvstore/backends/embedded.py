@@ -293,7 +293,7 @@ class EmbeddedBackend(StorageBackend):
         """Write (key, payload, kind) records, evicting LRU TTL keys first if they do not fit."""
         kbs = [self._kb(k) for k, _, _ in items]
         victims = self._index.victims(
-            [(k, len(kb) + len(p)) for (k, p, _), kb in zip(items, kbs, strict=True)]
+            [(k, len(kb) + len(p)) for (k, p, _), kb in zip(items, kbs, strict=True)], now
         )
         for victim in victims:
             self._delete(txn, victim, victim.encode())

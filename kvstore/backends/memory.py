@@ -64,7 +64,7 @@ class MemoryBackend(StorageBackend):
     def _store(self, items: Sequence[tuple[str, bytes | set[bytes]]], expires_at: float | None) -> None:
         self._purge()
         sized = [(k, len(k.encode()) + _value_size(v)) for k, v in items]
-        for victim in self._index.victims(sized):  # raises BackendFull before anything changes
+        for victim in self._index.victims(sized, time.monotonic()):  # raises BackendFull before any change
             self._drop(victim)
             self._evictions += 1
         for (key, value), (_, size) in zip(items, sized, strict=True):

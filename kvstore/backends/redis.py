@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisClusterException, RedisError, ResponseError
 
 from kvstore.backends.base import BackendError, BackendFull, BackendStats, StorageBackend
 
@@ -86,7 +86,8 @@ def mapped_errors(where: str) -> Iterator[None]:
         if isinstance(e, OutOfMemoryError) or msg.startswith("OOM"):
             raise BackendFull(f"{where}: OOM {msg}") from e
         raise BackendError(f"{where}: {msg}") from e
-    except (RedisError, OSError, TimeoutError) as e:
+    # RedisClusterException ("cannot be connected", every node gone) is no RedisError
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as e:
         raise BackendError(f"{where}: {type(e).__name__}: {e}") from e
 
 
@@ -208,5 +209,5 @@ class RedisBackend(StorageBackend):
             return bool(await (await self._ready()).ping())
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await self._client.aclose()
