@@ -70,6 +70,8 @@ def sparse_decode_attention(
     n_heads, d = q.shape
     n_kv = k.shape[0]
     group = gqa_group(n_heads, n_kv)
+    if (k.shape[1] if idx is None else idx.shape[1]) == 0:  # empty selection: zeros, like the kernel
+        return torch.zeros_like(q)
     if idx is None:
         kg, vg = k.float(), v.float()  # no copy for float32 input
     else:

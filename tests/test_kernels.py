@@ -132,6 +132,9 @@ def test_sparse_attention_twin_subset_padding_and_empty() -> None:
     res = sa_twin.sparse_decode_attention(q, k, v, empty, scale=0.3)
     assert torch.equal(res[4:], torch.zeros(4, 64))
     torch.testing.assert_close(res[:4], out[:4])
+    # No position selected at all (the Triton kernel's contract too): zeros, not an error.
+    assert torch.equal(sa_twin.sparse_decode_attention(q, k, v, idx[:, :0]), torch.zeros(8, 64))
+    assert torch.equal(sa_twin.sparse_decode_attention(q, k[:, :0], v[:, :0], None), torch.zeros(8, 64))
 
 
 def _int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,11 +147,20 @@ def test_full_budget_is_dense(real: dict[str, Any], name: str) -> None:
             i += 1
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
-def test_selection_plus_generated_is_exact(real: dict[str, Any], name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "budget", "extra"),
+    [
+        *((name, 0.1, {}) for name in sorted(SMALL)),
+        ("alisa", 0.1, {"local_ratio": 0.0}),  # no local window at all
+        ("alisa", 0.5 / T_CTX, {}),  # one token of budget: round(0.5) = 0 local tokens
+    ],
+)
+def test_selection_plus_generated_is_exact(
+    real: dict[str, Any], name: str, budget: float, extra: dict[str, Any]
+) -> None:
     """The output equals exact attention over the reported selection plus every generated token."""
     kv, q = real["kv"], real["q"]
-    backend = get_backend(name, 0.1, **EXACT[name])
+    backend = get_backend(name, budget, **{**EXACT[name], **extra})
     state = backend.prefill(kv[:, :, :T_CTX], queries=q[:, :T_CTX])
     n_heads, n_kv, d = q.shape[2], kv.shape[3], kv.shape[4]
     group = n_heads // n_kv

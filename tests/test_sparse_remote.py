@@ -166,6 +166,19 @@ async def test_remote_mode_matches_local_without_host_copies(
     assert fraction < 0.1, fraction  # far below: every method offloads most of its per-token bytes
 
 
+async def test_remote_rows_of_an_empty_selection(
+    client: AsyncKVCacheClient,  # noqa: F811  (fixture)
+    node: dict[str, Any],
+) -> None:
+    # ALISA asks for the rows missing from its cache; once its selection is stable that is none.
+    kv = node["kv"]
+    n_kv, d = kv.shape[3], kv.shape[4]
+    await build_and_store_indexes(client, MODEL, node["ids"], kv, ["alisa"], queries=node["q"], levels=[0])
+    with ServiceChunkFetcher(client.addresses, MODEL, node["ids"], level=0) as remote:
+        rows = await asyncio.to_thread(remote.gather, 0, torch.zeros(n_kv, 0, 1, dtype=torch.int64))
+    assert rows.shape == (n_kv, 0, 2 * d)
+
+
 async def test_remote_fetcher_must_cover_the_context(
     client: AsyncKVCacheClient,  # noqa: F811  (fixture)
     ctx: dict[str, Any],  # noqa: F811  (fixture)

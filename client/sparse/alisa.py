@@ -61,7 +61,7 @@ def quantize_with(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 def _rows(kv: torch.Tensor) -> torch.Tensor:
     """One layer's ``kv`` ``[2, T, kv_heads, head_dim]`` as float32 rows ``[T, kv_heads * 2 * head_dim]``
     (per head: K then V), the layout of ALISA's INT8 rows and of the service's row reads."""
-    return torch.cat([kv[0], kv[1]], -1).float().reshape(kv.shape[1], -1)
+    return torch.cat([kv[0], kv[1]], -1).float().flatten(1)  # flatten: T may be 0 (no local window)
 
 
 @dataclass

@@ -303,7 +303,7 @@ class RowLayout:
             tok = tok.expand(self.heads, -1, -1)  # the shared row's tokens, for every head
         out = fetcher.gather(layer, tok, self.parts)
         if self.heads:
-            out = out.transpose(0, 1).reshape(1, out.shape[1], -1)  # per token: heads side by side
+            out = out.transpose(0, 1).flatten(1)[None]  # per token: heads side by side (n may be 0)
         if self.quant is not None:
             scale, zero = self.quant
             out = quantize_with(out, scale[layer], zero[layer], self.bits)
@@ -556,7 +556,7 @@ class ServiceChunkFetcher:
         heads = torch.arange(tok.shape[0])[:, None, None]
         out = stacked[slot, t % c, heads].float()  # [S, n, u, P, D]
         out[~valid] = 0.0
-        return out.reshape(tok.shape[0], tok.shape[1], -1)
+        return out.flatten(2)  # not reshape(..., -1): n may be 0 (nothing missing from the caller's cache)
 
     # -- backends ----------------------------------------------------------------------------------------
 
