@@ -143,11 +143,11 @@ class Verifier:
             try:
                 return fn(pb_grpc.KVStreamStub(ch))
             except grpc.RpcError as e:
-                if e.code() not in _FATAL:
-                    raise
                 last = e
+                if e.code() not in _FATAL:
+                    break  # the request itself failed: another front end would answer the same
         assert last is not None
-        raise KVStreamError(last.code(), last.details() or "")
+        raise KVStreamError(last.code(), last.details() or "") from None  # kvctl prints it in one line
 
     def check(self, model: ModelKey, token_ids: Sequence[int], name: str = "") -> ContextCheck:
         """Verify the context of ``token_ids``: every stored level of every chunk."""
@@ -260,7 +260,7 @@ def cmd_verify(args: argparse.Namespace, client: Any) -> None:
     if args.all:
         namespace = args.namespace or "default"
         targets = []
-        for info in client.ls(args.model or "", namespace=namespace):
+        for info in client.ls(args.model or "", namespace=namespace, limit=2**32 - 1):  # 0 would mean 1000
             spec = model_from_pb(info.model)
             full = client.get_context(spec, context_id=info.context_id)
             targets.append((info.name or info.context_id.hex()[:16], spec, list(full.token_ids)))

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+from kvstore.backends.base import BackendError
 from kvstore.config import LOG_LEVELS, ServerConfig, load_config
 
 LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hot-cache-bytes", help="verified blobs kept in memory for repeat streams (default 256MiB; 0 = off)"
     )
-    p.add_argument("--config", default=os.environ.get("KVSTREAM_CONFIG"), help="YAML settings file")
+    # An exported but empty KVSTREAM_CONFIG means unset, as for every other variable.
+    p.add_argument("--config", default=os.environ.get("KVSTREAM_CONFIG") or None, help="YAML settings file")
     return parser
 
 
@@ -118,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(serve(config))
-    except (ValueError, OSError) as e:  # bad backend URL, port in use, unreadable data dir
+    except (ValueError, OSError, BackendError) as e:  # bad backend URL, port in use, store in use
         print(f"kvstore: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

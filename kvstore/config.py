@@ -75,8 +75,13 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        if ":" not in self.listen:
-            raise ValueError(f"listen {self.listen!r}: use host:port")
+        port = self.listen.rpartition(":")[2]
+        if ":" not in self.listen or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"listen {self.listen!r}: use host:port with a port in [0, 65535]")
+        if not self.health_interval > 0:  # 0 would probe the backend in a busy loop
+            raise ValueError(f"health_interval must be > 0 seconds, got {self.health_interval}")
+        if not self.grace_seconds >= 0:
+            raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         return self
 
 
@@ -115,7 +120,10 @@ def load_config(
     """
     values: dict[str, Any] = {}
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config {path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config {path}: expected a mapping of settings")
         for key, value in data.items():

@@ -244,14 +244,23 @@ def model_key(args: argparse.Namespace, required: bool = True) -> Any:
         raise UsageError(str(e)) from None
 
 
+def ttl_seconds(text: str) -> float:
+    """``--ttl`` values: a finite number of seconds in [1, 2**32 - 1] (argparse turns the ValueError into
+    a usage error)."""
+    value = float(text)
+    if not 1 <= value <= 2**32 - 1:
+        raise ValueError(text)
+    return value
+
+
 def load_kv(path: str, dtype: str) -> Any:
     """``[layers, 2, tokens, kv_heads, head_dim]`` tensor of ``dtype`` from an ``.npy`` file."""
     import torch
 
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load {path}: {e}") from None
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+        raise UsageError(f"cannot load {path}: {e or 'empty file'}") from None
     if arr.ndim != 5 or arr.shape[1] != 2:
         raise UsageError(
             f"{path}: expected [layers, 2, tokens, kv_heads, head_dim], got shape {list(arr.shape)}"
@@ -276,6 +285,8 @@ def _ref(args: argparse.Namespace) -> dict[str, Any]:
         return {"context_id": cid}
     if args.name is not None:
         return {"name": args.name}
+    if not args.model:  # the chunk hashes of token ids are salted with the model spec
+        raise UsageError("--model is required to name a context by its token ids")
     return {"token_ids": parse_tokens(args)}
 
 
@@ -389,14 +400,15 @@ def cmd_get(args: argparse.Namespace, client: Any) -> None:
     kv = res.kv.cpu()
     # numpy has no bfloat16: such caches are written as float32 (exact).
     arr = (kv.float() if kv.dtype == torch.bfloat16 else kv).numpy()
+    out = args.out if args.out.endswith(".npy") else args.out + ".npy"  # what np.save writes
     try:
-        np.save(args.out, arr, allow_pickle=False)
+        np.save(out, arr, allow_pickle=False)
     except OSError as e:
-        raise UsageError(f"cannot write {args.out}: {e.strerror}") from None
+        raise UsageError(f"cannot write {out}: {e.strerror}") from None
     _emit(
         args,
         {
-            "out": args.out,
+            "out": out,
             "prefix_tokens": res.prefix_tokens,
             "chunks": len(res.chunks),
             "levels": sorted({c.level for c in res.chunks}),
@@ -575,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kv", help=".npy [layers, 2, tokens, kv_heads, head_dim]")
     p.add_argument("--levels", help="comma-separated codec levels (default: all)")
     p.add_argument("--pin", action="store_true")
-    p.add_argument("--ttl", type=float, help="seconds (default: the server's)")
+    p.add_argument("--ttl", type=ttl_seconds, help="seconds (default: the server's)")
     p.add_argument("--name")
     p.set_defaults(fn=cmd_put)
     p = sub.add_parser("get", parents=[common, tokens], help="fetch the stored prefix into a .npy")

@@ -238,7 +238,14 @@ def plan_windows(
     found = find_documents(paths)
     windows: list[Window] = []
     dropped = 0
+    origin: dict[str, Path] = {}  # source name -> the file it came from
     for source, path in found:
+        if source in origin:  # e.g. /a/doc.txt and /b/doc.txt: the second would take the first's names
+            raise DocumentError(
+                f"{origin[source]} and {path} would both be stored as {source!r}; pass them by relative "
+                "path (the name keeps it) or rename one"
+            )
+        origin[source] = path
         w, d = split_windows(read_document(source, path, model), chunk_tokens, model.max_context)
         windows += w
         dropped += d
@@ -504,6 +511,8 @@ def cmd_preload(args: argparse.Namespace, client: Any) -> None:
 
 def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     """Register ``preload`` on kvctl's subparsers."""
+    from kvstore.kvctl import ttl_seconds  # kvctl imports this module
+
     p = sub.add_parser(
         "preload", parents=list(parents), help="prefill documents locally and store them pinned"
     )
@@ -511,7 +520,7 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     add_document_args(p)
     p.add_argument("--levels", help="comma-separated codec levels (default: all)")
     p.add_argument("--no-pin", dest="pin", action="store_false", help="store with a TTL instead of pinning")
-    p.add_argument("--ttl", type=float, help="seconds, with --no-pin (default: the server's)")
+    p.add_argument("--ttl", type=ttl_seconds, help="seconds, with --no-pin (default: the server's)")
     p.add_argument(
         "--workers", type=int, default=0, help="encode/upload threads beside the prefill (default 0: serial)"
     )

@@ -1012,7 +1012,11 @@ class KVStreamServer:
         await self._probe()
         self._health_task = asyncio.create_task(self._health_loop())
         if cfg.metrics_port:
-            self._http, self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr)
+            try:
+                self._http, self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_addr)
+            except OSError as e:
+                await self.stop(0)  # the gRPC port is open already: close it (and the backend)
+                raise OSError(f"cannot serve metrics on {cfg.metrics_addr}:{cfg.metrics_port}: {e}") from None
 
     async def _probe(self) -> None:
         """One backend probe: sets health and refreshes the store gauges."""

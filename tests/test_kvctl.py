@@ -125,6 +125,8 @@ def test_every_subcommand(address: str, tmp_path: Path) -> None:
         (["pin", "--context-id", "zz"], "hex"),
         (["frobnicate"], "invalid choice"),
         (["fetch", "--model", "m", "--tokens", "1", "--max-level", "1"], "--max-level needs --slo"),
+        (["rm", "--tokens", "1,2"], "--model is required to name a context by its token ids"),
+        (["put", "x.npy", "--model", "m", "--tokens", "1", "--ttl", "inf"], "--ttl"),
         (["fetch", "--model", "m", "--tokens", "1", "--slo", "1", "--max-level", "5"], "--max-level needs"),
     ],
 )
@@ -145,11 +147,14 @@ def test_server_side_rejection_and_unavailable(address: str, tmp_path: Path) -> 
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     common = ["--server", address, "--model", "m", "--chunk-tokens", "4", "--tokens", "1,2,3,4,5,6,7,8"]
-    bad_level, short, down = kvctl_batch(
+    (tmp_path / "empty.npy").write_bytes(b"")
+    bad_level, short, down, empty = kvctl_batch(
         ["get", str(tmp_path / "out.npy"), *common, "--level", "9"],  # refused by the server
         ["put", str(tmp_path / "short.npy"), *common, "--levels", "0"],
         ["stat", "--server", dead, "--timeout", "5"],
+        ["put", str(tmp_path / "empty.npy"), *common],
     )
+    assert empty[0] == 2 and "cannot load" in empty[2] and empty[2].count("\n") == 1
     assert short[0] == 2 and "holds 4 tokens" in short[2]
     assert bad_level[0] == 2 and bad_level[2].startswith("kvctl: error: invalid argument:")
     assert "level" in bad_level[2]

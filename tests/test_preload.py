@@ -23,6 +23,7 @@ from kvstore.preload import (
     Document,
     DocumentError,
     Llama2cSource,
+    plan_windows,
     read_document,
     split_windows,
 )
@@ -200,6 +201,15 @@ def test_windows_are_whole_chunks_within_the_context() -> None:
     assert split_windows(doc, 100, 512)[0][0].token_ids == list(range(500))  # 5 chunks of 100 fit in 512
     with pytest.raises(DocumentError):
         split_windows(doc, 1024, 512)
+
+
+def test_two_documents_never_share_a_context_name(model_path: Path, tmp_path: Path) -> None:
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "doc.ids").write_text(" ".join(["5"] * 64))
+    src = Llama2cSource(model_path)
+    with pytest.raises(DocumentError, match="both be stored as 'doc.ids'"):  # absolute paths: basenames
+        plan_windows([str(tmp_path / "a" / "doc.ids"), str(tmp_path / "b" / "doc.ids")], src, 64)
 
 
 def test_text_uses_the_byte_fallback(model_path: Path, tmp_path: Path) -> None:

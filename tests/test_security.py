@@ -141,6 +141,16 @@ def test_config_and_flags(tmp_path: Path) -> None:
         ServerConfig(tls_client_ca="ca.pem").validate()
     with pytest.raises(ValueError, match="max_data_streams"):
         ServerConfig(max_data_streams=0).validate()
+    for bad, needle in (
+        ({"health_interval": 0}, "health_interval"),  # would probe the backend in a busy loop
+        ({"grace_seconds": -1}, "grace_seconds"),
+        ({"listen": "127.0.0.1:99999"}, "port"),  # grpc would quietly listen on 99999 - 65536
+    ):
+        with pytest.raises(ValueError, match=needle):
+            ServerConfig(**bad).validate()  # type: ignore[arg-type]
+    (tmp_path / "bad.yaml").write_text("listen: [\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
     cfg = load_config(
         env={"KVSTREAM_AUTH_TOKENS": "/etc/kv/tokens", "KVSTREAM_MAX_DATA_STREAMS": "3"},
         overrides={"tls_cert": "c.pem", "tls_key": "k.pem"},
@@ -157,6 +167,34 @@ def test_config_and_flags(tmp_path: Path) -> None:
         ["serve", "--auth-tokens", "t", "--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca"]
     )
     assert (args.auth_tokens, args.tls_cert, args.tls_key, args.tls_client_ca) == ("t", "c", "k", "ca")
+
+
+async def test_serve_startup_failures_are_one_line(tmp_path: Path) -> None:
+    import socket
+    import sys
+
+    from kvstore.backends.embedded import EmbeddedBackend
+    from tests.support import ROOT
+
+    def serve(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kvstore", "serve", "--listen", "127.0.0.1:0", *argv],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    held = EmbeddedBackend(tmp_path / "db")  # this process owns the store
+    try:
+        in_use = await asyncio.to_thread(serve, "--backend", f"embedded://{tmp_path / 'db'}")
+    finally:
+        await held.close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        metrics = await asyncio.to_thread(serve, "--backend", "memory://", "--metrics-port", str(port))
+    for proc, needle in ((in_use, "in use"), (metrics, f"cannot serve metrics on 127.0.0.1:{port}")):
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.startswith("kvstore: error: ") and needle in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr  # no traceback, no "Exception ignored"
 
 
 # ----- authentication ---------------------------------------------------------------------------------
