@@ -647,7 +647,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                 raise LimitExceeded(
                     f"namespace {model.namespace!r} quota exceeded: {quota - e.budget} bytes stored in"
                     f" other contexts + {e.total_bytes} in this one > quota_bytes {quota};"
-                    " nothing was stored"
+                    " nothing was committed"
                 ) from None
 
         # Once validated, the commit runs to completion even if the client goes away: a half-written

@@ -33,13 +33,14 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 import xxhash
 
 import codec
-from kvstore.backends.base import StorageBackend
+from kvstore.backends.base import BackendError, BackendFull, StorageBackend
 from kvstore.envelope import CorruptRecord, Envelope, Kind, open_envelope, seal
 from kvstore.hotcache import HotChunkCache
 from kvstore.keys import DEFAULT_NAMESPACE, HASH_BYTES, InvalidKeyError, ModelKey, chunk_hashes, token_array
@@ -48,6 +49,7 @@ from kvstore.rpc import pb
 from kvstore.wire import model_to_pb
 
 log = logging.getLogger("kvstore.store")
+T = TypeVar("T")
 
 DEFAULT_TTL_S = 86400.0
 DEFAULT_MAX_BLOB_BYTES = 256 << 20
@@ -151,19 +153,22 @@ def _context_bytes(
     old_recs: Sequence[pb.ChunkInfo | None],
     chunks: Sequence[ChunkBlobs],
     records: Sequence[pb.ChunkInfo],
+    shared_sidecar_bytes: int = 0,
 ) -> tuple[dict[int, int], int]:
     """``(bytes per level, total bytes)`` of a context's manifest after a put of ``chunks``.
 
     Levels: every level its merged chunk ``records`` list, whoever stored it (a level another context
     left in a shared chunk stays readable through this one, so it counts here too; conservative). A
     retry or a re-put therefore adds only what is new. Sidecars (records hold names, not sizes): the
-    stored manifest's sidecar bytes plus the uploaded sidecars its records did not list yet.
+    stored manifest's sidecar bytes plus the uploaded sidecars its records did not list yet; for a first
+    put, every uploaded sidecar plus ``shared_sidecar_bytes``, those the records already listed (another
+    context's, in a shared chunk) that this put did not upload.
     """
     level_bytes: dict[int, int] = defaultdict(int)
     for rec in records:
         for info in rec.levels:
             level_bytes[info.level] += info.size_bytes
-    sidecar_bytes = 0
+    sidecar_bytes = shared_sidecar_bytes
     if old_man is not None:
         sidecar_bytes = old_man.info.total_bytes - sum(info.size_bytes for info in old_man.info.level_bytes)
     for ch, old in zip(chunks, old_recs, strict=True):
@@ -241,6 +246,20 @@ class ContextQuery:
     name: str | None = None
 
 
+_BACKEND_CONCURRENCY = 32  # per-chunk calls in flight at once: a connection pool has a bound (redis-py: 100)
+
+
+async def _gather_bounded(coros: Iterable[Awaitable[T]], limit: int = _BACKEND_CONCURRENCY) -> list[T]:
+    """``asyncio.gather`` of ``coros`` with at most ``limit`` running at once (results in order)."""
+    sem = asyncio.Semaphore(limit)
+
+    async def run(coro: Awaitable[T]) -> T:
+        async with sem:
+            return await coro
+
+    return await asyncio.gather(*(run(c) for c in coros))
+
+
 async def _check_budget(total_bytes: int, byte_budget: int | Callable[[], Awaitable[int]]) -> None:
     budget = byte_budget if isinstance(byte_budget, int) else await byte_budget()
     if total_bytes > budget:
@@ -280,37 +299,71 @@ class ChunkStore:
 
     @contextlib.asynccontextmanager
     async def namespace_lease(
-        self, namespace: str, *, ttl: float = 30.0, wait: float = 10.0
+        self, namespace: str, *, ttl: float = 30.0, wait: float = 30.0, freeing: bool = False
     ) -> AsyncIterator[None]:
         """Hold ``namespace``'s lease: exclusive among every front end sharing this backend.
 
         A lease is a key written only if absent, with a random owner token and a ``ttl`` (seconds), so a
-        front end that dies holding it blocks the others for at most ``ttl``. Waits up to ``wait``
-        seconds (polling with backoff), then raises ``NamespaceBusy``. Release deletes the key only if
-        it still holds our token (it may have expired and been taken over by a slower commit's peer).
-        Held by every commit, delete and pin/unpin of the namespace (and so by a quota check and its
-        commit).
+        front end that dies holding it blocks the others for at most ``ttl``; while held it is renewed
+        every ``ttl / 3`` (a commit of a 16k-chunk context takes longer than ``ttl``). Waits up to
+        ``wait`` seconds (polling with backoff), then raises ``NamespaceBusy``. Release deletes the key
+        only if it still holds our token, and a failed release is logged, not raised (it expires).
+        ``freeing``: the holder only removes data (delete, unpin); if the backend is too full to write
+        the lease key it goes ahead under this process's lock alone, or a full store could never be
+        emptied. Held by every commit, delete and pin/unpin of the namespace.
         """
         key, token = lease_key(namespace), os.urandom(16)
         deadline = time.monotonic() + wait
+        busy = f"namespace {namespace!r} is busy (another commit holds its lease for over {wait:g} s)"
         try:  # this process's waiters queue locally instead of polling the backend's key
             await asyncio.wait_for(self._local_leases[namespace].acquire(), wait)
         except TimeoutError:
-            raise NamespaceBusy(f"namespace {namespace!r} is busy (another commit holds its lease)") from None
+            raise NamespaceBusy(busy) from None
+        renewer: asyncio.Task[None] | None = None
         try:
             delay = 0.002
-            while not await self.backend.put_if_absent(key, token, ttl):
+            while True:
+                try:
+                    if await self.backend.put_if_absent(key, token, ttl):
+                        break
+                except BackendFull:
+                    if not freeing:
+                        raise
+                    log.warning(
+                        "namespace=%s lease key does not fit a full store: freeing without it", namespace
+                    )
+                    token = b""
+                    break
                 if time.monotonic() >= deadline:
-                    raise NamespaceBusy(f"namespace {namespace!r} is busy (another commit holds its lease)")
+                    raise NamespaceBusy(busy)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 0.05)
-            try:
-                yield
-            finally:
-                if await self.backend.get(key) == token:
-                    await self.backend.delete_many([key])
+            if token:
+                renewer = asyncio.create_task(self._renew_lease(key, token, ttl))
+            yield
         finally:
+            if renewer is not None:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
+            if token:
+                try:
+                    if await self.backend.get(key) == token:
+                        await self.backend.delete_many([key])
+                except BackendError as e:  # the data operation's own outcome matters more; the key expires
+                    log.warning("namespace=%s lease not released (expires in %.0f s): %s", namespace, ttl, e)
             self._local_leases[namespace].release()
+
+    async def _renew_lease(self, key: str, token: bytes, ttl: float) -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                if await self.backend.get(key) != token:
+                    log.warning("lease %s was lost (expired and taken over); the commit goes on", key)
+                    return
+                await self.backend.set_ttl([key], ttl)
+            except BackendError as e:
+                log.warning("lease %s not renewed: %s", key, e)
 
     # ----- verification helpers ---------------------------------------------------------------
 
@@ -565,9 +618,9 @@ class ChunkStore:
         man_key = manifest_key(ns, ctx)
         old_man, old_recs = await self._stored_state(model, hashes)
         pin = pin or (old_man is not None and old_man.info.pinned)  # re-putting never unpins
-        pin_sets = await asyncio.gather(*(self.backend.set_members(pins_key(ns, h)) for h in hashes))
-        left = await asyncio.gather(
-            *(
+        pin_sets = await _gather_bounded(self.backend.set_members(pins_key(ns, h)) for h in hashes)
+        left = await _gather_bounded(
+            (
                 self._expiry(record_key(ns, h))
                 for h, old in zip(hashes, old_recs, strict=True)
                 if old is not None
@@ -585,7 +638,21 @@ class ChunkStore:
             self._merged_record(model, i, h, ch, old, kept)
             for i, (h, ch, old) in enumerate(zip(hashes, chunks, old_recs, strict=True))
         ]
-        level_bytes, total_bytes = _context_bytes(old_man, old_recs, chunks, records)
+        shared = 0
+        if (
+            old_man is None
+        ):  # sidecars a sharing context left in these chunks become readable through this one
+            keys = [
+                sidecar_key(ns, h, name)
+                for h, ch, old in zip(hashes, chunks, old_recs, strict=True)
+                if old is not None
+                for name in old.sidecars
+                if name not in ch.sidecars
+            ]
+            for key, raw in zip(keys, await self.backend.get_many(keys) if keys else [], strict=True):
+                env = self._open(key, raw, Kind.SIDECAR)
+                shared += len(env.body) if env is not None else 0
+        level_bytes, total_bytes = _context_bytes(old_man, old_recs, chunks, records, shared)
         if byte_budget is not None:
             await _check_budget(total_bytes, byte_budget)
 
@@ -605,11 +672,11 @@ class ChunkStore:
         rewritten = sum(len(it.data) for it, exists in zip(items, present, strict=True) if not exists)
 
         # 2. refcount and pin sets.
-        await asyncio.gather(
-            *(self.backend.set_add(refs_key(ns, h), [ctx], t) for h, t in zip(hashes, chunk_ttl, strict=True))
+        await _gather_bounded(
+            (self.backend.set_add(refs_key(ns, h), [ctx], t) for h, t in zip(hashes, chunk_ttl, strict=True))
         )
         if pin:
-            await asyncio.gather(*(self.backend.set_add(pins_key(ns, h), [ctx], None) for h in hashes))
+            await _gather_bounded(self.backend.set_add(pins_key(ns, h), [ctx], None) for h in hashes)
 
         # 3. chunk records, 4. manifest, 5. name.
         recs_by_ttl: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
@@ -624,6 +691,9 @@ class ChunkStore:
         n = model.chunk_tokens
         name = name or (old_man.info.name if old_man else "")
         man_ttl = None if pin else ttl_s
+        if man_ttl is not None and old_man is not None:  # a re-put by anyone must not cut the context short
+            left_s = await self._expiry(man_key)
+            man_ttl = None if left_s == math.inf else max(man_ttl, left_s)
         man = pb.Manifest(
             info=pb.ContextInfo(
                 context_id=ctx,
@@ -803,7 +873,7 @@ class ChunkStore:
     async def delete(self, model: ModelKey, query: ContextQuery) -> int:
         """Drop a context; frees chunks no other context references. Returns the chunks freed."""
         ns = model.namespace
-        async with self.namespace_lease(ns):
+        async with self.namespace_lease(ns, freeing=True):  # a full store must stay deletable
             ctx = await self.resolve(model, query)
             man = await self.manifest(ns, ctx)
             await self.backend.delete_many([manifest_key(ns, ctx)])  # invisible first
@@ -824,7 +894,7 @@ class ChunkStore:
                     await self.backend.set_ttl(keys, await self._unpinned_ttl(ns, h, ctx, self.default_ttl))
                 return False
 
-            freed = await asyncio.gather(*(release(h, r) for h, r in zip(hashes, records, strict=True)))
+            freed = await _gather_bounded((release(h, r) for h, r in zip(hashes, records, strict=True)))
             await self._drop_name(ns, man.info.name, ctx)
         return sum(freed)
 
@@ -832,7 +902,7 @@ class ChunkStore:
         """TTL for chunk ``chunk_hash`` once ``ctx`` no longer pins it: at least ``floor``, and as long as
         the longest-lived other context referencing it still has (``None``: one never expires)."""
         others = await self.backend.set_members(refs_key(ns, chunk_hash)) - {ctx}
-        left = await asyncio.gather(*(self._expiry(manifest_key(ns, other)) for other in others))
+        left = await _gather_bounded(self._expiry(manifest_key(ns, other)) for other in others)
         longest = max([floor, *left])
         return None if longest == math.inf else longest
 
@@ -856,7 +926,8 @@ class ChunkStore:
         remaining TTL of another context sharing the chunk).
         """
         ns = model.namespace
-        async with self.namespace_lease(ns):  # a delete in between must not be undone by our manifest
+        # a delete in between must not be undone by our manifest; unpinning must work on a full store
+        async with self.namespace_lease(ns, freeing=not pinned):
             ctx = await self.resolve(model, query)
             man = await self.manifest(ns, ctx)
             hashes = list(man.chunk_hashes)
@@ -872,7 +943,7 @@ class ChunkStore:
                 elif await self.backend.set_remove(pins_key(ns, h), [ctx]) == 0:
                     await self.backend.set_ttl(keys, await self._unpinned_ttl(ns, h, ctx, ttl))
 
-            await asyncio.gather(*(apply(h, r) for h, r in zip(hashes, records, strict=True)))
+            await _gather_bounded((apply(h, r) for h, r in zip(hashes, records, strict=True)))
             man.info.pinned = pinned
             key = manifest_key(ns, ctx)
             man_ttl = None if pinned else ttl
@@ -906,8 +977,14 @@ class ChunkStore:
         mans = [m for _, m in await self._manifests(ns) if not model_id or m.info.model.model_id == model_id]
         mans.sort(key=lambda m: (-m.info.created_unix, m.info.context_id))
         mans = mans[: limit or 1000]
-        infos = await asyncio.gather(*(self._with_remaining_ttl(ns, m) for m in mans), return_exceptions=True)
-        return [i for i in infos if isinstance(i, pb.ContextInfo)]  # ones that expired meanwhile drop out
+
+        async def live(man: pb.Manifest) -> pb.ContextInfo | None:
+            try:
+                return await self._with_remaining_ttl(ns, man)
+            except ContextNotFound:  # expired meanwhile: drops out
+                return None
+
+        return [i for i in await _gather_bounded(live(m) for m in mans) if i is not None]
 
     async def stat(self, namespace: str = "") -> pb.StatResponse:
         """Backend usage plus context counts of ``namespace`` ("" = whole store)."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import codec
-from kvstore.backends import BackendError, StorageBackend, open_backend
+from kvstore.backends import BackendError, BackendFull, StorageBackend, open_backend
 from kvstore.envelope import Envelope, Kind, open_envelope, seal
 from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.rpc import pb
@@ -284,6 +284,10 @@ async def test_a_put_never_shortens_what_a_sharing_context_needs(store: ChunkSto
     assert 0 < (await backend.get_ttl(record_key(ns, hb1)) or 0) <= 5  # b's own chunk: b's TTL
 
     # Unpinning (or deleting) a pinned context keeps the longest TTL another context needs.
+    # Re-putting a (content-addressed) context with a shorter TTL does not cut it short either.
+    await store.put(model, a_ids, _blobs(_kv(2 * N)), ttl=5)
+    assert 2900 < (await backend.get_ttl(manifest_key(ns, chunk_hashes(model, a_ids)[-1])) or 0) <= 3000
+
     c_ids = list(range(N)) + [8] * N
     await store.put(model, c_ids, _blobs(_kv(2 * N)), pin=True)
     assert await backend.get_ttl(record_key(ns, h0)) is None
@@ -335,6 +339,38 @@ async def test_a_context_counts_the_levels_its_shared_chunks_keep(store: ChunkSt
     await store.delete(model, ContextQuery(token_ids=c_ids))
     info = await store.get_context(model, ContextQuery(token_ids=c_ids[:N]))
     assert info.total_bytes == len(both[0].levels[0]) + len(both[0].levels[4])
+    # The same for a sidecar (records list sidecar names only: its size is read from storage).
+    d_ids = [5] * (2 * N)
+    await store.put(model, d_ids, [ChunkBlobs({0: b.levels[0]}, {"idx": b"s" * 5000}) for b in both])
+    await store.put(model, d_ids[:N], [ChunkBlobs({0: both[0].levels[0]})])
+    await store.delete(model, ContextQuery(token_ids=d_ids))
+    info = await store.get_context(model, ContextQuery(token_ids=d_ids[:N]))
+    assert info.total_bytes == len(both[0].levels[0]) + 5000
+
+
+async def test_contexts_of_many_chunks(store: ChunkStore, model: ModelKey) -> None:
+    # More chunks than a connection pool has connections (redis-py: 100): per-chunk calls are bounded.
+    ids = list(range(150 * N))
+    blob = codec.encode(_kv(N), 0)
+    await store.put(model, ids, [ChunkBlobs({0: blob}) for _ in range(150)])
+    assert (await store.lookup(model, ids)).prefix_chunks == 150
+    await store.set_pinned(model, ContextQuery(token_ids=ids), True)
+    assert await store.delete(model, ContextQuery(token_ids=ids)) == 150
+
+
+async def test_a_full_store_can_still_be_emptied() -> None:
+    store = ChunkStore(open_backend("memory://?capacity=20000"), default_ttl=3600)
+    model = ModelKey("stories260K", namespace="full", chunk_tokens=N)
+    stored = []
+    with pytest.raises(BackendFull):  # pinned contexts until nothing more fits
+        for i in range(100):
+            ids = [i] * (2 * N)
+            await store.put(model, ids, _blobs(_kv(2 * N, i)), pin=True)
+            stored.append(ids)
+    assert stored
+    await store.set_pinned(model, ContextQuery(token_ids=stored[0]), False)  # no room for a lease key
+    assert await store.delete(model, ContextQuery(token_ids=stored[-1])) == 2
+    await store.backend.close()
 
 
 async def test_a_reput_adds_to_the_manifest_and_a_budget_refuses_before_writing(
@@ -393,3 +429,9 @@ async def test_namespace_lease_is_exclusive_and_expires(store: ChunkStore, model
     async with store.namespace_lease(ns, wait=5.0):
         assert await store.backend.get(lease_key(ns)) not in (None, b"dead-front-end")
     assert await store.backend.get(lease_key(ns)) is None  # released
+    # A live holder renews its lease: another front end cannot take it after the TTL.
+    peer = ChunkStore(store.backend, default_ttl=3600)
+    async with store.namespace_lease(ns, ttl=0.3):
+        with pytest.raises(NamespaceBusy):
+            async with peer.namespace_lease(ns, wait=0.8):
+                pass
