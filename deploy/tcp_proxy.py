@@ -124,7 +124,7 @@ class _Conn:
     def __init__(self, client: asyncio.StreamWriter, target: asyncio.StreamWriter) -> None:
         self.writers = (client, target)
         self.tasks: list[asyncio.Task[None]] = []
-        self.read_bytes = 0  # both directions; decides where break_after_bytes cuts
+        self.delivered_bytes = 0  # written to either side; decides where break_after_bytes cuts
         self.aborted = False
 
     def abort(self) -> None:
@@ -144,7 +144,7 @@ class _Conn:
                 t.cancel()
 
 
-_Item = tuple[float, bytes, bool]  # (deliver_at loop time, data, reset after delivering it)
+_Item = tuple[float, bytes]  # (deliver_at loop time, data)
 
 
 class _Pipe:
@@ -237,12 +237,15 @@ class TcpProxy:
 
     async def stop(self) -> None:
         """Stop listening and reset all connections; returns when every handler has finished."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for c in list(self._conns):
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for c in list(self._conns):  # before wait_closed: from Python 3.12 on it waits for every connection
             c.abort()
+        for t in list(self._handlers):  # including handlers still connecting to the target
+            t.cancel()
+        if server is not None:
+            await server.wait_closed()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=5.0)
 
@@ -312,12 +315,6 @@ class TcpProxy:
                 await q.put(None)
                 return
             cfg = self.config
-            cut = False
-            if cfg.break_after_bytes is not None:
-                room = max(0, cfg.break_after_bytes - conn.read_bytes)
-                if len(data) >= room:
-                    data, cut = data[:room], True
-            conn.read_bytes += len(data)
             now = loop.time()
             depart = now
             if cfg.rate_mbit is not None:
@@ -331,9 +328,7 @@ class TcpProxy:
                     delay += max(0.2, 2 * cfg.delay_ms / 1e3)
                     self.stats.penalised_chunks += 1
             last_deliver = max(depart + delay, last_deliver)
-            await q.put((last_deliver, data, cut))
-            if cut:
-                return
+            await q.put((last_deliver, data))
             if depart > now:  # read no further ahead than the shaper: the sender feels back-pressure
                 await asyncio.sleep(depart - now)
 
@@ -346,10 +341,18 @@ class TcpProxy:
                 if writer.can_write_eof():
                     writer.write_eof()  # propagate the half-close
                 return
-            deliver_at, data, cut = item
+            deliver_at, data = item
             wait = deliver_at - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
+            # The cut is counted in bytes delivered (both directions), not read: bytes still queued in
+            # the other direction when it comes were never seen by their receiver.
+            cut = False
+            if self.config.break_after_bytes is not None:
+                room = max(0, self.config.break_after_bytes - conn.delivered_bytes)
+                if len(data) >= room:
+                    data, cut = data[:room], True
+            conn.delivered_bytes += len(data)
             if data:
                 writer.write(data)
                 await writer.drain()

@@ -176,6 +176,41 @@ async def test_proxy_rate_limit_and_runtime_rate_change() -> None:
         assert 0.7 * 16 <= after <= 1.15 * 16, after
 
 
+async def test_proxy_cut_counts_delivered_bytes_in_both_directions() -> None:
+    # The target speaks first (1000 B), then the client sends 2000 B; jitter reorders their delivery.
+    # Counting bytes read would cut at 2500 read and drop the queued reply; delivered must be 2500.
+    async def target_speaks_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"d" * 1000)
+        await writer.drain()
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+        writer.close()
+
+    for seed in range(6):
+        async with serve(target_speaks_first) as target, TcpProxy(
+            target, seed=seed, break_after_bytes=2500, delay_ms=60, jitter_ms=55
+        ) as proxy:
+            assert proxy.address is not None
+            reader, writer = await asyncio.open_connection(*proxy.address)
+            await asyncio.sleep(0.005)
+            writer.write(b"u" * 2000)
+            await writer.drain()
+            _, reset = await read_all(reader, 5)
+            writer.close()
+            await asyncio.sleep(0.05)
+            assert reset and proxy.stats.bytes_up + proxy.stats.bytes_down == 2500, (seed, proxy.stats)
+
+
+async def test_proxy_stops_with_idle_connections_open() -> None:
+    async with serve(streamer(10)) as target:
+        proxy = TcpProxy(target)
+        address = await proxy.start()
+        _, writer = await asyncio.open_connection(*address)
+        await asyncio.wait_for(proxy.stop(), 5)  # Python >= 3.12: wait_closed() waits for connections
+        writer.close()
+
+
 async def test_proxy_break_after_bytes_then_reconnect() -> None:
     n = 1 << 20
     async with serve(streamer(n)) as target, TcpProxy(target, break_after_bytes=100_000) as proxy:
