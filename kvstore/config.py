@@ -32,6 +32,7 @@ class ServerConfig:
     max_part_bytes: int = DEFAULT_PART_BYTES  # default part size of streamed blobs
     max_blob_bytes: int = 256 << 20  # one uploaded blob
     max_put_bytes: int = 2 << 30  # all blobs of one PutChunks call (held in memory until Commit)
+    max_buffered_put_bytes: int = 4 << 30  # all PutChunks calls of this front end together (the memory bound)
     max_context_chunks: int = 16384
     max_concurrent_rpcs: int = 256
     max_concurrent_streams: int = 128  # HTTP/2 streams per connection
@@ -62,6 +63,7 @@ class ServerConfig:
         for name in (
             "max_blob_bytes",
             "max_put_bytes",
+            "max_buffered_put_bytes",
             "max_context_chunks",
             "max_concurrent_rpcs",
             "max_concurrent_streams",

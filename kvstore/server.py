@@ -324,6 +324,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         self.metrics = metrics
         self.tokens = tokens
         self._data_streams = 0  # PutChunks + StreamContext calls in progress
+        self._buffered_put_bytes = 0  # bytes all PutChunks calls in progress hold until their Commit
 
     # -- admission: authentication and the data-stream cap ---------------------------------------
 
@@ -576,6 +577,12 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
     @_unary("PutChunks", data_stream=True)
     async def PutChunks(self, request_iterator: Any, context: Any, call: _Call) -> pb.PutChunksResponse:
+        try:
+            return await self._put_chunks(request_iterator, call)
+        finally:  # the call's blobs are freed: they no longer count against max_buffered_put_bytes
+            self._buffered_put_bytes -= call.bytes_in
+
+    async def _put_chunks(self, request_iterator: Any, call: _Call) -> pb.PutChunksResponse:
         it = request_iterator.__aiter__()
         try:
             first = await it.__anext__()
@@ -600,7 +607,15 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             if commit is not None:
                 raise _invalid("no message may follow Commit")
             if kind == "part":
-                call.bytes_in += self._add_part(msg.part, len(hashes), blobs)
+                added = self._add_part(msg.part, len(hashes), blobs)
+                call.bytes_in += added
+                self._buffered_put_bytes += added
+                if self._buffered_put_bytes > self.config.max_buffered_put_bytes:
+                    raise LimitExceeded(
+                        f"this front end is buffering {self._buffered_put_bytes} bytes of uploads"
+                        f" (max_buffered_put_bytes {self.config.max_buffered_put_bytes}); retry later"
+                        " or on another front end; nothing was stored"
+                    )
                 if call.bytes_in > self.config.max_put_bytes:
                     raise LimitExceeded(f"PutChunks carries more than {self.config.max_put_bytes} bytes")
                 if quota and call.bytes_in > quota:  # fail early instead of buffering a hopeless upload

@@ -345,6 +345,37 @@ async def test_put_over_the_request_limit_is_resource_exhausted(
     assert (await server.backend.stats()).keys == 0
 
 
+async def test_uploads_together_are_bounded_by_max_buffered_put_bytes(
+    server: KVStreamServer, stub: pb_grpc.KVStreamStub
+) -> None:
+    # One slow upload holds its blobs until Commit; a second one past the front end's budget is refused.
+    model = ModelKey("m", chunk_tokens=16)
+    first = put_messages(model, list(range(16)), [{0: _blob(), 2: _blob(2)}])
+    second = put_messages(model, list(range(1, 17)), [{0: _blob()}])
+    server.config.max_buffered_put_bytes = len(first[1].part.data) + len(second[1].part.data) // 2
+    holding = asyncio.Event()
+
+    async def slow_first() -> AsyncIterator[pb.PutChunksRequest]:
+        yield first[0]
+        yield first[1]
+        holding.set()
+        await asyncio.sleep(0.5)
+        for m in first[2:]:
+            yield m
+
+    slow = asyncio.ensure_future(stub.PutChunks(slow_first()))
+    await holding.wait()
+    await asyncio.sleep(0.1)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.PutChunks(_aiter(second))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_buffered_put_bytes" in (err.value.details() or "")
+    server.config.max_buffered_put_bytes = 1 << 30
+    assert (await slow).stored_chunks == 1
+    assert (await stub.PutChunks(_aiter(second))).stored_chunks == 1  # the budget was given back
+    assert server._servicer is not None and server._servicer._buffered_put_bytes == 0
+
+
 async def test_unknown_context_and_bad_queries(server: KVStreamServer, stub: pb_grpc.KVStreamStub) -> None:
     spec = model_to_pb(ModelKey("m", chunk_tokens=16))
     unknown = pb.ContextRef(model=spec, context_id=b"\1" * 32)
