@@ -192,6 +192,20 @@ async def test_scan(backend: StorageBackend) -> None:
     assert [k async for k in backend.scan("nothing:*")] == []
 
 
+async def test_scan_follows_redis_glob_rules(backend: StorageBackend) -> None:
+    # The same answers from every backend as from Redis: "\\" escapes, "^" negates a set, ranges.
+    keys = ["g:a*", "g:a\\b", "g:ab", "g:^x", "g:bx", "g:ax", "g:a?c", "g:abc"]
+    await backend.put_many([(k, b"x") for k in keys], 60)
+    for pattern, want in (
+        ("g:a\\*", {"g:a*"}),
+        ("g:[^a]x", {"g:^x", "g:bx"}),
+        ("g:[a-b]x", {"g:ax", "g:bx"}),
+        ("g:a\\?c", {"g:a?c"}),
+        ("g:a?c", {"g:a?c", "g:abc"}),
+    ):
+        assert {k async for k in backend.scan(pattern)} == want, pattern
+
+
 async def test_large_values(backend: StorageBackend) -> None:
     big = {f"kvs:{{t:big{i}}}:L2": _blob(n, i) for i, n in enumerate([6 * MiB, 4 * MiB, 4 * MiB + 1])}
     await backend.put_many(list(big.items()), None)

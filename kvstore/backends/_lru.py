@@ -7,7 +7,6 @@ needs wall time because its times survive restarts).
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import re
 from collections import OrderedDict
@@ -110,11 +109,49 @@ class LruIndex:
 
 @lru_cache(maxsize=256)
 def _glob_regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(fnmatch.translate(pattern), re.DOTALL)
+    """Redis's glob rules (``stringmatchlen``): ``*``, ``?``, ``[...]`` with ``^`` negation and ``a-z``
+    ranges (either order), ``\\x`` a literal ``x`` (also inside brackets); an unclosed ``[`` takes the
+    rest of the pattern as its set. (fnmatch differs: no escapes, ``!`` instead of ``^``.)"""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < n:
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+        elif ch == "*":
+            out.append(".*")
+            i += 1
+        elif ch == "?":
+            out.append(".")
+            i += 1
+        elif ch == "[":
+            i += 1
+            negate = i < n and pattern[i] == "^"
+            i += negate
+            members: list[str] = []
+            while i < n and pattern[i] != "]":
+                if pattern[i] == "\\" and i + 1 < n:
+                    members.append(re.escape(pattern[i + 1]))
+                    i += 2
+                elif i + 2 < n and pattern[i + 1] == "-" and pattern[i + 2] != "]":
+                    lo, hi = sorted((pattern[i], pattern[i + 2]))
+                    members.append(f"{re.escape(lo)}-{re.escape(hi)}")
+                    i += 3
+                else:
+                    members.append(re.escape(pattern[i]))
+                    i += 1
+            i += 1  # the "]"
+            body = "".join(members)
+            out.append(f"[{'^' if negate else ''}{body}]" if body else ("." if negate else "(?!)"))
+        else:
+            out.append(re.escape(ch))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
 def glob_match(pattern: str, key: str) -> bool:
-    """Redis-style glob (``*``, ``?``, ``[...]``), case-sensitive."""
+    """Redis-style glob (see ``_glob_regex``), case-sensitive."""
     return _glob_regex(pattern).match(key) is not None
 
 
