@@ -29,6 +29,7 @@ Levels are codec levels: 0 is lossless (largest), higher levels are smaller.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections import deque
@@ -115,8 +116,8 @@ class AdaptivePlanner:
         first tens of kilobytes after an idle pause through at line rate), and a too-high estimate
         misses the SLO where a too-low one only costs a notch of quality.
         """
-        if nbytes > 0 and seconds > 0:
-            sample = nbytes / seconds
+        sample = nbytes / seconds if nbytes > 0 and seconds > 0 else 0.0
+        if 0 < sample < math.inf:  # an underflowed or infinite rate is no measurement
             self._errors.append(abs(self.bandwidth / sample - 1.0))
             self._samples.append(sample)
             self.bandwidth = len(self._samples) / sum(1 / s for s in self._samples)
@@ -134,7 +135,7 @@ class AdaptivePlanner:
 
     def observe_decode(self, seconds: float) -> None:
         """Feed one measured client decode time of a chunk."""
-        if seconds > 0:
+        if 0 < seconds < math.inf:
             self._decodes.append(seconds)
             self.decode_seconds = statistics.median(self._decodes)  # one slow decode (a JIT, a GC) is noise
 

@@ -220,7 +220,9 @@ class AdaptiveLevelPolicy:
     def observe(self, report: pb.ThroughputReport) -> None:
         size = self._sizes.get(report.chunk_index, 0)
         if report.bytes_per_second > 0 and size:
-            self.planner.observe(size, size / report.bytes_per_second)
+            # Like hints, reports below MIN_BANDWIDTH_BPS count as that (a denormal rate would make
+            # the sample's time infinite and the estimate zero).
+            self.planner.observe(size, size / max(report.bytes_per_second, MIN_BANDWIDTH_BPS))
             self._unacked -= {i for i in self._unacked if i <= report.chunk_index}
             self._reported.set()
         if report.decode_seconds > 0:
@@ -775,6 +777,8 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             async for msg in it:
                 if msg.WhichOneof("msg") != "report":
                     raise _invalid("only ThroughputReport messages may follow the StreamStart")
+                if not (math.isfinite(msg.report.bytes_per_second) and math.isfinite(msg.report.decode_seconds)):
+                    raise _invalid("ThroughputReport bytes_per_second and decode_seconds must be finite")
                 policy.observe(msg.report)
 
         def check_reports() -> None:
@@ -795,7 +799,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                 return None
             return load(pos, level)
 
-        sent, reason = 0, ""
+        sent, reason, cause = 0, "", ""  # cause: the bounded metric label of ``reason``
         send_rate = 0.0  # bytes/s measured over the previous chunks (flow control included)
         # Storage read-ahead of the next chunk at the level the policy expects: (position, level, task).
         pending = read_ahead(0)
@@ -828,18 +832,18 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                     timeout = None if remaining is None else max(remaining - _DEADLINE_FLOOR_S, 0.0)
                     loaded = await asyncio.wait_for(asyncio.shield(task), timeout)
                 except TimeoutError:
-                    reason = f"deadline: stopped before chunk {info.index}"
+                    reason, cause = f"deadline: stopped before chunk {info.index}", "deadline"
                     break
                 pending = read_ahead(i + 1)
                 if loaded is None:
-                    reason = f"chunk {info.index}: missing or corrupt"
+                    reason, cause = f"chunk {info.index}: missing or corrupt", "missing_or_corrupt"
                     break
                 size = len(loaded.blob) + sum(len(d) for _, d in loaded.sidecars)
                 remaining = context.time_remaining()
                 if remaining is not None:
                     need = _DEADLINE_FLOOR_S + (1.5 * size / send_rate if send_rate else 0.0)
                     if remaining < need:
-                        reason = f"deadline: stopped before chunk {info.index}"
+                        reason, cause = f"deadline: stopped before chunk {info.index}", "deadline"
                         break
                 t0 = time.perf_counter()
                 for msg in self._parts(loaded, part_bytes):
@@ -857,7 +861,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             if pending is not None:
                 pending[2].cancel()
         if reason:
-            self.metrics.streams_truncated.labels(reason.split(":")[0]).inc()
+            self.metrics.streams_truncated.labels(cause).inc()
         call.extra.update(chunks=sent, truncated=bool(reason))
         yield pb.StreamContextResponse(
             trailer=pb.StreamTrailer(

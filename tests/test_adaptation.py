@@ -33,6 +33,15 @@ def test_slack_is_carried_forward() -> None:
     assert p.choose(5, elapsed_seconds=0.1) < 2  # ahead of schedule: spend the slack on quality
 
 
+def test_unmeasurable_samples_are_ignored() -> None:
+    p = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2500)
+    for nbytes, seconds in [(100, float("inf")), (100, 0.0), (0, 1.0), (10**300, 1e-300)]:
+        p.observe(nbytes, seconds)
+    p.observe_decode(float("inf"))
+    assert p.bandwidth == 2500 and p.decode_seconds is None
+    assert p.plan(0, 1.0).fits
+
+
 def test_bandwidth_drop_steps_quality_down() -> None:
     p = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2500)
     before = p.choose(3, elapsed_seconds=0.3)

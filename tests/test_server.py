@@ -443,6 +443,53 @@ async def test_stream_bad_start(stub: pb_grpc.KVStreamStub) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def _stream_with_reports(
+    stub: pb_grpc.KVStreamStub, start: pb.StreamStart, bytes_per_second: float
+) -> pb.StreamTrailer:
+    """Adaptive stream that answers every chunk with a report of ``bytes_per_second``; returns the trailer."""
+    requests: asyncio.Queue[pb.StreamContextRequest | None] = asyncio.Queue()
+    await requests.put(pb.StreamContextRequest(start=start))
+
+    async def outgoing() -> AsyncIterator[pb.StreamContextRequest]:
+        while (msg := await requests.get()) is not None:
+            yield msg
+
+    trailer = None
+    async for resp in stub.StreamContext(outgoing(), timeout=20):
+        if resp.WhichOneof("msg") == "chunk" and resp.chunk.last:
+            report = pb.ThroughputReport(
+                chunk_index=resp.chunk.chunk_index, bytes_per_second=bytes_per_second, decode_seconds=1e-3
+            )
+            await requests.put(pb.StreamContextRequest(report=report))
+        elif resp.WhichOneof("msg") == "trailer":
+            trailer = resp.trailer
+            await requests.put(None)
+    assert trailer is not None
+    return trailer
+
+
+async def test_adaptive_stream_survives_extreme_reports(stub: pb_grpc.KVStreamStub) -> None:
+    # Denormal and huge rates are clamped like hints; non-finite ones are the client's error.
+    model = ModelKey("m", chunk_tokens=16)
+    ids = list(range(16 * 6))
+    await stub.PutChunks(_aiter(put_messages(model, ids, _chunks(_small_kv(len(ids)), 16, levels=(0, 1)))))
+    start = pb.StreamStart(
+        model=model_to_pb(model),
+        token_ids=pb.TokenIds(ids=ids),
+        policy=pb.LEVEL_POLICY_ADAPTIVE,
+        slo_ms=60_000,
+        bandwidth_hint_bps=1e9,
+        recompute_tokens_per_second=1e3,
+    )
+    for rate in (5e-324, 1e-300, 1.0, 1e300):
+        trailer = await _stream_with_reports(stub, start, rate)
+        assert not trailer.truncated and trailer.verified_chunks == 6, (rate, trailer)
+    for rate in (float("nan"), float("inf")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _stream_with_reports(stub, start, rate)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "finite" in err.value.details()
+
+
 async def test_corrupt_stored_chunk_truncates_the_stream(
     server: KVStreamServer, stub: pb_grpc.KVStreamStub
 ) -> None:
@@ -458,6 +505,9 @@ async def test_corrupt_stored_chunk_truncates_the_stream(
     assert header.prefix_chunks == 4 and sorted(blobs) == [0, 1]
     assert trailer.truncated and trailer.verified_chunks == 2 and "chunk 2" in trailer.reason
     assert _count(server, "kvstream_corrupt_records_total", kind="chunk") == 1
+    # One fixed label per cause: chunk indexes in labels would grow the series without bound.
+    assert _count(server, "kvstream_streams_truncated_total", reason="missing_or_corrupt") == 1
+    assert _count(server, "kvstream_streams_truncated_total", reason="chunk 2") == 0
 
 
 # ----- deadlines and cancellation ----------------------------------------------------------------
@@ -487,6 +537,7 @@ async def test_deadline_gives_a_truncated_trailer(server: KVStreamServer, stub: 
     assert time.perf_counter() - t0 < 0.5  # the deadline plus scheduling on a busy machine
     assert header.prefix_chunks == 20 and trailer.truncated and trailer.reason.startswith("deadline")
     assert 0 < trailer.verified_chunks == len(blobs) < 20
+    assert _count(server, "kvstream_streams_truncated_total", reason="deadline") == 1
     # A deadline far below one backend read: a truncated trailer or DEADLINE_EXCEEDED, never a hang.
     t0 = time.perf_counter()
     try:
