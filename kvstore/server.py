@@ -78,8 +78,29 @@ def _invalid(message: str) -> RpcFailure:
     return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+# Status messages travel percent-encoded in one HTTP/2 header (grpc-message); the peer's default
+# metadata limit is 8 KiB, and a longer message (a quoted multi-megabyte name) makes it reset the
+# connection (RESOURCE_EXHAUSTED + GOAWAY) instead of reporting the error. 1 KiB of UTF-8 encodes to
+# at most 3 KiB.
+MAX_STATUS_MESSAGE_BYTES = 1024
+
+
+def clip_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """``message`` cut to at most ``limit`` UTF-8 bytes, saying how much was cut."""
+    raw = message.encode()
+    if len(raw) <= limit:
+        return message
+    head = raw[: limit - 40].decode(errors="ignore")
+    return f"{head}... [{len(raw) - len(head.encode())} more bytes]"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a handler exception maps to."""
+    """The status code and message (at most ``MAX_STATUS_MESSAGE_BYTES``) a handler exception maps to."""
+    code, message = _status_of(exc)
+    return code, clip_message(message)
+
+
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RpcFailure):
         return exc.code, str(exc)
     if isinstance(exc, InvalidRequest | InvalidKeyError | codec.CodecError):
@@ -777,9 +798,10 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             async for msg in it:
                 if msg.WhichOneof("msg") != "report":
                     raise _invalid("only ThroughputReport messages may follow the StreamStart")
-                if not (math.isfinite(msg.report.bytes_per_second) and math.isfinite(msg.report.decode_seconds)):
+                report = msg.report
+                if not (math.isfinite(report.bytes_per_second) and math.isfinite(report.decode_seconds)):
                     raise _invalid("ThroughputReport bytes_per_second and decode_seconds must be finite")
-                policy.observe(msg.report)
+                policy.observe(report)
 
         def check_reports() -> None:
             # A protocol error on the request side ends the stream with that error, not silently.

@@ -25,7 +25,7 @@ from kvstore.backends import BackendError, open_backend
 from kvstore.config import ServerConfig
 from kvstore.keys import ModelKey
 from kvstore.rpc import pb, pb_grpc
-from kvstore.server import KVStreamServer
+from kvstore.server import KVStreamServer, clip_message
 from kvstore.wire import MAX_PART_BYTES, model_to_pb, split_parts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -405,6 +405,30 @@ async def test_unknown_context_and_bad_queries(server: KVStreamServer, stub: pb_
     look = await stub.Lookup(pb.LookupRequest(model=spec, token_ids=pb.TokenIds(ids=range(100))))
     assert look.prefix_chunks == 0
     assert _count(server, "kvstream_requests_total", method="GetContext", code="NOT_FOUND") == 2
+
+
+async def test_huge_bad_values_give_a_clipped_message(server: KVStreamServer) -> None:
+    # The error quotes the value; unclipped, a 200 KB name overflowed the 8 KiB metadata limit and the
+    # client saw its connection reset (RESOURCE_EXHAUSTED) instead of INVALID_ARGUMENT.
+    async with grpc.aio.insecure_channel(server.address) as ch:  # default (8 KiB) metadata limit
+        stub = pb_grpc.KVStreamStub(ch)
+        model = ModelKey("m", chunk_tokens=16)
+        calls = [
+            stub.Lookup(
+                pb.LookupRequest(
+                    model=pb.ModelSpec(model_id="\u00e9" * 100_000, chunk_tokens=16),
+                    token_ids=pb.TokenIds(ids=[1] * 16),
+                )
+            ),
+            stub.PutChunks(_aiter(put_messages(model, [1] * 16, [], name="\u2603" * 200_000))),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert len(err.value.details().encode()) <= 1024 and "more bytes]" in err.value.details()
+        assert (await stub.Stat(pb.StatRequest())).keys == 0  # same channel still works
+    assert clip_message("short") == "short"
 
 
 async def test_stream_bad_start(stub: pb_grpc.KVStreamStub) -> None:
