@@ -748,6 +748,13 @@ class ChunkStore:
             info = self._parse_record(key, raw, h, i)
             if info is None:
                 break
+            if (info.token_start, info.token_end) != (i * model.chunk_tokens, (i + 1) * model.chunk_tokens):
+                # Hashes are the caller's claim about the model: ones made with another chunk size
+                # would make every token count (and the blob shape check) wrong.
+                raise InvalidRequest(
+                    f"chunk hash {i} is of a {info.token_end - info.token_start}-token chunk; the request's "
+                    f"model has chunk_tokens {model.chunk_tokens}"
+                )
             found.append(info)
         self.metrics.lookup_chunks.labels("hit").inc(len(found))
         self.metrics.lookup_chunks.labels("miss").inc(len(hashes) - len(found))

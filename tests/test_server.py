@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import codec
 from kvstore.backends import BackendError, open_backend
 from kvstore.config import ServerConfig
-from kvstore.keys import ModelKey
+from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.rpc import pb, pb_grpc
 from kvstore.server import KVStreamServer, clip_message
 from kvstore.wire import MAX_PART_BYTES, model_to_pb, split_parts
@@ -405,6 +405,30 @@ async def test_unknown_context_and_bad_queries(server: KVStreamServer, stub: pb_
     look = await stub.Lookup(pb.LookupRequest(model=spec, token_ids=pb.TokenIds(ids=range(100))))
     assert look.prefix_chunks == 0
     assert _count(server, "kvstream_requests_total", method="GetContext", code="NOT_FOUND") == 2
+
+
+async def test_chunk_hashes_of_another_chunk_size_are_refused(
+    server: KVStreamServer, stub: pb_grpc.KVStreamStub
+) -> None:
+    # Hash queries carry the model spec separately; a spec whose chunk_tokens differs from the one the
+    # hashes were made with would give wrong token counts and count the caller's mistake as corruption.
+    model, ids = ModelKey("m", chunk_tokens=16), list(range(64))
+    await stub.PutChunks(_aiter(put_messages(model, ids, _chunks(_small_kv(64), 16))))
+    hashes = pb.ChunkHashes(hashes=chunk_hashes(model, ids))
+    for from_storage in (False, True):  # through the hot cache (which the first pass fills), then past it
+        _, blobs, trailer, _ = await stream_context(
+            stub, model, [], chunk_hashes=hashes, from_storage=from_storage
+        )
+        assert sorted(blobs) == [0, 1, 2, 3] and trailer.verified_tokens == 64 and not trailer.truncated
+        wrong = model_to_pb(ModelKey("m", chunk_tokens=32))
+        look = stub.Lookup(pb.LookupRequest(model=wrong, chunk_hashes=hashes))
+        stream = stream_context(stub, ModelKey("m", chunk_tokens=32), [], chunk_hashes=hashes)
+        for call in (look, stream):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "16-token chunk" in err.value.details() and "chunk_tokens 32" in err.value.details()
+    assert _count(server, "kvstream_corrupt_records_total", kind="chunk") == 0
 
 
 async def test_huge_bad_values_give_a_clipped_message(server: KVStreamServer) -> None:
