@@ -24,6 +24,11 @@ extras="hf"
 stamp=".venv/.kvstream-installed-$extras-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q -e ".[$extras]"
+  # A venv that once held transformers 5.25 keeps Hugging Face's `kernels` distribution, which collides
+  # with our `kernels` package (see pyproject.toml); nothing of ours needs it.
+  if .venv/bin/pip show kernels >/dev/null 2>&1; then
+    .venv/bin/pip uninstall -y -q kernels
+  fi
   touch "$stamp"
 fi
 if [ "$redis" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
