@@ -41,11 +41,12 @@ from client.adaptation import RECOMPUTE
 from kernels import ops as kernel_ops
 from kvstore.keys import ModelKey, token_array
 from kvstore.rpc import pb, pb_grpc
-from kvstore.wire import DEFAULT_PART_BYTES, model_to_pb, split_parts
+from kvstore.wire import DEFAULT_PART_BYTES, MAX_PART_BYTES, model_to_pb, split_parts
 
 T = TypeVar("T")
 
 # Statuses after which the same request may succeed on another front end.
+_UINT32_MAX = 2**32 - 1  # proto uint32 fields (ttl_seconds, level, max_chunks)
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.CANCELLED,
@@ -262,6 +263,8 @@ class AsyncKVCacheClient:
         self._interceptors = [] if token is None else _bearer_interceptors(token)
         self.namespace = namespace
         self.timeout = timeout
+        if not 1 <= part_bytes <= MAX_PART_BYTES:
+            raise ValueError(f"part_bytes must be in [1, {MAX_PART_BYTES}] (the server's part limit)")
         self.part_bytes = part_bytes
         opts = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
         self._options = opts + list(channel_options)
@@ -414,13 +417,19 @@ class AsyncKVCacheClient:
         ``ttl``: seconds the context lives unless pinned (rounded up to whole seconds; ``None``: the
         server's default).
         """
-        if ttl is not None and not ttl >= 0:
-            raise ValueError("ttl must be >= 0 seconds (0 or None: the server's default)")
+        if ttl is not None and not 0 <= ttl <= _UINT32_MAX:
+            raise ValueError(f"ttl must be in [0, {_UINT32_MAX}] seconds (0 or None: the server's default)")
+        if levels is not None and not (levels := tuple(levels)):
+            raise ValueError("levels must name at least one codec level (None: all of them)")
+        if metadata is not None and not all(isinstance(x, str) for kv_ in metadata.items() for x in kv_):
+            raise TypeError("metadata keys and values must be str")
         mk = self.model(model)
         if blobs is None:
             if kv is None:
                 raise ValueError("give kv or blobs")
-            blobs = codec.encode_context(kv, mk.chunk_tokens, tuple(levels) if levels else codec.LEVELS)
+            blobs = codec.encode_context(kv, mk.chunk_tokens, codec.LEVELS if levels is None else levels)
+        if sidecars is not None and len(sidecars) != len(blobs):
+            raise ValueError(f"sidecars has {len(sidecars)} entries for {len(blobs)} chunks (one per chunk)")
         header = pb.PutHeader(
             model=model_to_pb(mk),
             token_ids=_tokens_pb(token_ids),
@@ -429,7 +438,17 @@ class AsyncKVCacheClient:
             name=name,
         )
 
+        broken: list[Exception] = []  # raised while producing the request stream
+
         async def requests() -> AsyncIterator[pb.PutChunksRequest]:
+            try:
+                async for msg in _put_messages():
+                    yield msg
+            except Exception as e:  # grpc.aio reports it as a bare CancelledError: keep the real one
+                broken.append(e)
+                raise
+
+        async def _put_messages() -> AsyncIterator[pb.PutChunksRequest]:
             yield pb.PutChunksRequest(header=header)
             for index, per_level in enumerate(blobs):
                 named: list[tuple[int, str, bytes]] = [(lvl, "", b) for lvl, b in sorted(per_level.items())]
@@ -449,7 +468,12 @@ class AsyncKVCacheClient:
                         )
             yield pb.PutChunksRequest(commit=pb.Commit(metadata=metadata or {}))
 
-        resp = await self._unary(lambda s: s.PutChunks(requests(), timeout=self.timeout))
+        try:
+            resp = await self._unary(lambda s: s.PutChunks(requests(), timeout=self.timeout))
+        except BaseException:
+            if broken:
+                raise broken[0] from None
+            raise
         return StoreResult(
             resp.context_id, resp.stored_chunks, resp.stored_tokens, resp.bytes_written, resp.dedup_chunks
         )
@@ -491,12 +515,21 @@ class AsyncKVCacheClient:
         finished (deadline, every front end failed) after some chunks were verified, those are returned
         with ``truncated=True`` and the ``reason``; with none verified, or for a bad request, it raises.
         """
-        if slo is not None and not slo > 0:
-            raise ValueError("slo must be a positive number of seconds")
-        if not recompute_tokens_per_second >= 0:
-            raise ValueError("recompute_tokens_per_second must be >= 0")
-        if max_level is not None and max_level not in codec.LEVELS:
-            raise ValueError(f"max_level must be one of the codec levels {list(codec.LEVELS)}")
+        if slo is not None and not 0 < slo < math.inf:
+            raise ValueError("slo must be a positive, finite number of seconds")
+        rates = {
+            "recompute_tokens_per_second": recompute_tokens_per_second,
+            "decode_tokens_per_second": decode_tokens_per_second or 0.0,
+            "bandwidth_hint_bps": bandwidth_hint_bps or 0.0,
+        }
+        for arg, rate in rates.items():
+            if not 0 <= rate < math.inf:
+                raise ValueError(f"{arg} must be finite and >= 0")
+        for arg, lvl in (("level", level), ("max_level", max_level)):
+            if lvl is not None and lvl not in codec.LEVELS:
+                raise ValueError(f"{arg} must be one of the codec levels {list(codec.LEVELS)}")
+        if not 0 <= max_chunks <= _UINT32_MAX:
+            raise ValueError(f"max_chunks must be in [0, {_UINT32_MAX}] (0: all)")
         mk = self.model(model)
         start = pb.StreamStart(
             model=model_to_pb(mk),

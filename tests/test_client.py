@@ -73,3 +73,49 @@ async def test_recompute_markers_past_the_first_header_still_give_the_whole_pref
     assert res.kv is not None and res.kv.shape[2] == 64 and not res.kv[:, :, 32:].any()
     want = torch.cat([codec.decode(b[0]) for b in blobs[:2]], dim=2)
     assert torch.equal(res.kv[:, :, :32].view(torch.int16), want.view(torch.int16))
+
+
+async def test_bad_arguments_are_named_before_any_call(server: KVStreamServer) -> None:
+    model = ModelKey("t", chunk_tokens=16)
+    ids = token_ids(32, 0)
+    kv = synthetic_context(32, 16, SHAPE)
+    for part_bytes in (0, -1, 16 << 20):
+        with pytest.raises(ValueError, match="part_bytes"):
+            AsyncKVCacheClient(server.address, part_bytes=part_bytes)
+    async with AsyncKVCacheClient(server.address) as c:
+        store_cases: list[tuple[dict[str, object], type[Exception], str]] = [
+            ({"ttl": 2**40}, ValueError, "ttl"),
+            ({"ttl": float("inf")}, ValueError, "ttl"),
+            ({"levels": []}, ValueError, "at least one codec level"),
+            ({"metadata": {"a": 1}}, TypeError, "metadata"),
+            ({"sidecars": [{"s": b"x"}]}, ValueError, "sidecars has 1 entries for 2 chunks"),
+        ]
+        for kwargs, exc, needle in store_cases:
+            with pytest.raises(exc, match=needle):
+                await c.store(model, ids, kv, **kwargs)  # type: ignore[arg-type]
+        fetch_cases: list[tuple[dict[str, object], str]] = [
+            ({"level": -1}, "level must be one of"),
+            ({"level": 9}, "level must be one of"),
+            ({"max_chunks": -1}, "max_chunks"),
+            ({"max_chunks": 2**32}, "max_chunks"),
+            ({"slo": float("inf")}, "slo"),
+            ({"slo": 1.0, "bandwidth_hint_bps": float("nan")}, "bandwidth_hint_bps"),
+            ({"slo": 1.0, "decode_tokens_per_second": -1.0}, "decode_tokens_per_second"),
+        ]
+        for kwargs, needle in fetch_cases:
+            with pytest.raises(ValueError, match=needle):
+                await c.fetch(model, ids, **kwargs)  # type: ignore[arg-type]
+        assert (await c.lookup(model, ids)).prefix_chunks == 0  # nothing was stored by the bad calls
+
+
+async def test_an_error_while_streaming_a_store_is_raised_as_itself(server: KVStreamServer) -> None:
+    # grpc.aio turns an exception in the request iterator into a bare CancelledError.
+    model = ModelKey("t", chunk_tokens=16)
+    ids = token_ids(32, 0)
+    blobs = codec.encode_context(synthetic_context(32, 16, SHAPE), 16, (0,))
+    async with AsyncKVCacheClient(server.address) as c:
+        with pytest.raises(TypeError):
+            await c.store(model, ids, blobs=[blobs[0], {0: 12345}])  # type: ignore[dict-item]
+        assert (await c.lookup(model, ids)).prefix_chunks == 0
+        await c.store(model, ids, blobs=blobs)  # the client still works
+        assert (await c.lookup(model, ids)).prefix_chunks == 2
