@@ -87,14 +87,17 @@ class AdaptivePlanner:
         bandwidth_floor_bps: float | None = None,
         max_level: int | None = None,
     ) -> None:
-        if slo_seconds <= 0:
-            raise ValueError("slo_seconds must be positive")
-        if bandwidth_bps <= 0:
-            raise ValueError("bandwidth_bps must be positive")
+        if not 0 < slo_seconds < math.inf:
+            raise ValueError("slo_seconds must be positive and finite")
+        if not 0 < bandwidth_bps < math.inf:
+            raise ValueError("bandwidth_bps must be positive and finite")
+        for arg, seconds in (("recompute_seconds", recompute_seconds), ("decode_seconds", decode_seconds)):
+            if seconds is not None and not 0 <= seconds < math.inf:
+                raise ValueError(f"{arg} must be finite and >= 0")
         if not 1 <= bandwidth_weight <= window:
             raise ValueError("need 1 <= bandwidth_weight <= window")
-        if bandwidth_floor_bps is not None and not bandwidth_floor_bps > 0:
-            raise ValueError("bandwidth_floor_bps must be positive")
+        if bandwidth_floor_bps is not None and not 0 < bandwidth_floor_bps < math.inf:
+            raise ValueError("bandwidth_floor_bps must be positive and finite")
         if any(not s for s in chunk_sizes):
             raise ValueError("every chunk needs at least one stored level")
         self.chunk_sizes = [_within(s, max_level) for s in chunk_sizes]
@@ -233,6 +236,8 @@ class AdaptivePlanner:
 
     def choose(self, index: int, elapsed_seconds: float) -> int:
         """Level (or ``RECOMPUTE``) for chunk ``index``, ``elapsed_seconds`` after the stream started."""
+        if not 0 <= index < len(self.chunk_sizes):
+            raise IndexError(f"chunk {index} is not in this plan's {len(self.chunk_sizes)} chunks")
         return self.plan(index, self.slo - elapsed_seconds).levels[0]
 
 

@@ -42,6 +42,28 @@ def test_unmeasurable_samples_are_ignored() -> None:
     assert p.plan(0, 1.0).fits
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"slo_seconds": float("nan")},
+        {"slo_seconds": float("inf")},
+        {"bandwidth_bps": float("nan")},
+        {"bandwidth_floor_bps": float("inf")},
+        {"decode_seconds": float("nan")},
+        {"recompute_seconds": -1.0},
+    ],
+)
+def test_bad_planner_inputs_are_refused(kwargs: dict[str, float]) -> None:
+    args: dict[str, float] = {"slo_seconds": 1.0, "bandwidth_bps": 2500.0, **kwargs}
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        AdaptivePlanner(SIZES, **args)  # type: ignore[arg-type]
+
+
+def test_choose_past_the_last_chunk_says_so() -> None:
+    with pytest.raises(IndexError, match="chunk 10 is not in this plan's 10 chunks"):
+        AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2500).choose(10, 0.0)
+
+
 def test_bandwidth_drop_steps_quality_down() -> None:
     p = AdaptivePlanner(SIZES, 1.0, bandwidth_bps=2500)
     before = p.choose(3, elapsed_seconds=0.3)

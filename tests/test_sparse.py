@@ -76,7 +76,7 @@ def test_registry() -> None:
 def test_budget_tokens() -> None:
     assert budget_tokens(0.125, 448) == 56
     assert budget_tokens(0.0625, 448) == 28
-    assert budget_tokens(2.0, 100) == 100
+    assert budget_tokens(2.0, 100) == 100 == budget_tokens(float("inf"), 100)
     assert budget_tokens(1e-6, 100) == 1
 
 

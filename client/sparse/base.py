@@ -33,6 +33,8 @@ def budget_tokens(budget: float, context_len: int) -> int:
     """Attended context tokens for a budget fraction: ``round(budget * T)`` clamped to ``[1, T]``."""
     if not budget > 0:
         raise ValueError(f"budget must be > 0, got {budget}")
+    if budget >= 1:  # the whole context (also for inf, which floor() cannot take)
+        return context_len
     return min(context_len, max(1, math.floor(budget * context_len + 0.5)))
 
 
