@@ -254,20 +254,35 @@ def ttl_seconds(text: str) -> float:
 
 
 def load_kv(path: str, dtype: str) -> Any:
-    """``[layers, 2, tokens, kv_heads, head_dim]`` tensor of ``dtype`` from an ``.npy`` file."""
+    """``[layers, 2, tokens, kv_heads, head_dim]`` tensor of ``dtype`` from an ``.npy`` file.
+
+    The file may hold another float dtype (it is cast, with a note on stderr); values must be finite
+    after the cast (``kvctl verify`` flags non-finite chunks, and a silent fp32 -> fp16 overflow would
+    store inf).
+    """
     import torch
 
     try:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
         raise UsageError(f"cannot load {path}: {e or 'empty file'}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise UsageError(f"{path}: expected one array (.npy), got an archive of {len(arr.files)}")
     if arr.ndim != 5 or arr.shape[1] != 2:
         raise UsageError(
             f"{path}: expected [layers, 2, tokens, kv_heads, head_dim], got shape {list(arr.shape)}"
         )
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise UsageError(f"{path}: expected a float array, got {arr.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(getattr(torch, dtype))
+    if arr.dtype not in (np.float16, np.float32, np.float64):
+        raise UsageError(f"{path}: expected a float16/32/64 array, got {arr.dtype}")
+    src = torch.from_numpy(np.ascontiguousarray(arr))
+    kv = src.to(getattr(torch, dtype))
+    if bad := int((~torch.isfinite(kv)).sum()):
+        overflowed = int((torch.isfinite(src) & ~torch.isfinite(kv)).sum())
+        why = f"exceed the range of --dtype {dtype}" if overflowed == bad else "are not finite (inf/nan)"
+        raise UsageError(f"{path}: {bad} values {why}")
+    if kv.dtype != src.dtype:
+        print(f"kvctl: note: {path} holds {arr.dtype}, stored as --dtype {dtype}", file=sys.stderr)
+    return kv
 
 
 def _ref(args: argparse.Namespace) -> dict[str, Any]:
