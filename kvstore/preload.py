@@ -238,14 +238,17 @@ def plan_windows(
     found = find_documents(paths)
     windows: list[Window] = []
     dropped = 0
-    origin: dict[str, Path] = {}  # source name -> the file it came from
+    origin: dict[str, Path] = {}  # context name of a document's first window -> its file
     for source, path in found:
-        if source in origin:  # e.g. /a/doc.txt and /b/doc.txt: the second would take the first's names
+        # Compared as stored: /a/doc.txt and /b/doc.txt, or "a b.txt" and "a_b.txt", would share names
+        # and the second would take the first's contexts.
+        first = Window(source, 0, 0, []).name
+        if first in origin:
             raise DocumentError(
-                f"{origin[source]} and {path} would both be stored as {source!r}; pass them by relative "
-                "path (the name keeps it) or rename one"
+                f"{origin[first]} and {path} would both be stored as {first.rsplit(':', 1)[0]!r}; pass them "
+                "by relative path (the name keeps it) or rename one"
             )
-        origin[source] = path
+        origin[first] = path
         w, d = split_windows(read_document(source, path, model), chunk_tokens, model.max_context)
         windows += w
         dropped += d

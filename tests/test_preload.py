@@ -210,6 +210,11 @@ def test_two_documents_never_share_a_context_name(model_path: Path, tmp_path: Pa
     src = Llama2cSource(model_path)
     with pytest.raises(DocumentError, match="both be stored as 'doc.ids'"):  # absolute paths: basenames
         plan_windows([str(tmp_path / "a" / "doc.ids"), str(tmp_path / "b" / "doc.ids")], src, 64)
+    # Different files whose names only differ in characters a context name cannot hold.
+    for name in ("x y.ids", "x_y.ids"):
+        (tmp_path / "a" / name).write_text(" ".join(["5"] * 64))
+    with pytest.raises(DocumentError, match="both be stored as 'a/x_y.ids'"):
+        plan_windows([str(tmp_path / "a")], src, 64)
 
 
 def test_text_uses_the_byte_fallback(model_path: Path, tmp_path: Path) -> None:
