@@ -82,7 +82,7 @@ def decode(
         )
     if out is not None and has_internal_overlap(out):  # the decoder would write some elements twice
         raise CodecError("out has elements that share memory; pass a tensor or a slice of one")
-    mv = memoryview(blob)
+    mv = container.byte_view(blob)
     params = mv[info.params_offset : info.params_offset + info.params_len]
     payload = mv[info.payload_offset : info.payload_offset + info.payload_len]
     if info.codec_id == CODEC_ZSTD:

@@ -87,9 +87,17 @@ def pack(codec_id: int, level: int, dtype: torch.dtype, shape: tuple[int, ...], 
     return b"".join((head, params, payload, _CHECKSUM.pack(h.intdigest())))
 
 
+def byte_view(blob: bytes | bytearray | memoryview) -> memoryview:
+    """``blob`` as a flat memoryview of bytes: slices of a view with wider items count items, not bytes."""
+    mv = memoryview(blob)
+    if not mv.c_contiguous:
+        raise CodecError("blob must be a contiguous buffer")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
 def inspect(blob: bytes | bytearray | memoryview) -> BlobInfo:
     """Parse and sanity-check the header of ``blob`` without touching the payload or the checksum."""
-    mv = memoryview(blob)
+    mv = byte_view(blob)
     n = mv.nbytes
     if n < _PREFIX.size:
         raise CodecError(f"blob too short for a header: {n} bytes")
@@ -145,7 +153,7 @@ def inspect(blob: bytes | bytearray | memoryview) -> BlobInfo:
 def verify(blob: bytes | bytearray | memoryview) -> BlobInfo:
     """:func:`inspect` plus verification of the xxh3_64 checksum over the whole blob."""
     info = inspect(blob)
-    mv = memoryview(blob)
+    mv = byte_view(blob)
     body = mv[: info.nbytes - _CHECKSUM.size]
     (stored,) = _CHECKSUM.unpack_from(mv, info.nbytes - _CHECKSUM.size)
     if xxhash.xxh3_64_intdigest(body) != stored:

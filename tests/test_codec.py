@@ -165,6 +165,29 @@ def test_levels_shrink_and_inspect_is_cheap() -> None:
         codec.verify(blob[:-1] + bytes([blob[-1] ^ 1]))
 
 
+@pytest.mark.parametrize("level", [0, 1])
+def test_any_contiguous_buffer_of_the_blob_decodes(level: int) -> None:
+    kv = _kv((1, 2, 16, 2, 8), dtype=torch.float16)
+    blob = codec.encode(kv, level)
+    expected = codec.decode(blob)
+    if len(blob) % 2:  # wide items need an even length: a trailing byte makes it another blob
+        kv, blob = kv[:, :, :8], codec.encode(kv[:, :, :8], level)
+        expected = codec.decode(blob)
+    assert len(blob) % 2 == 0
+    wide = next(t for t in (np.uint64, np.uint32, np.uint16) if len(blob) % np.dtype(t).itemsize == 0)
+    views = [
+        memoryview(blob).cast("B", shape=[1, len(blob)]),  # 2-D: slices count rows
+        memoryview(np.frombuffer(blob, np.uint8).view(wide)),  # slices count 2-8 byte items
+        bytearray(blob),
+    ]
+    padded = np.frombuffer(blob + blob, np.uint8)
+    for view in views:
+        assert codec.verify(view).nbytes == len(blob)
+        assert torch.equal(codec.decode(view), expected)
+    with pytest.raises(codec.CodecError, match="contiguous"):
+        codec.decode(memoryview(padded)[::2])
+
+
 def test_bad_inputs() -> None:
     good = _kv((1, 2, 4, 1, 8))
     with pytest.raises(codec.CodecError):
