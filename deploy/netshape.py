@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import select
@@ -37,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
@@ -410,6 +411,21 @@ def _link_info(link: ShapedLink) -> dict[str, object]:
             "qdisc": link.qdisc}
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """argparse type: a finite number > 0 of ``kind``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deploy.netshape", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -417,13 +433,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       ("set", "change the rate of the persistent link"),
                       ("measure", "measure throughput over a fresh temporary link (JSON)")):
         p = sub.add_parser(name, help=hlp)
-        p.add_argument("--rate-mbit", type=float, required=True)
+        p.add_argument("--rate-mbit", type=_positive(float), required=True)
         if name != "set":
             p.add_argument("--qdisc", choices=["htb", "tbf"], default="htb")
         if name == "measure":
-            p.add_argument("--bytes", type=int, default=8 << 20)
-            p.add_argument("--timeout", type=float, default=20.0)
-            p.add_argument("--repeat", type=int, default=3)
+            p.add_argument("--bytes", type=_positive(int), default=8 << 20)
+            p.add_argument("--timeout", type=_positive(float), default=20.0)
+            p.add_argument("--repeat", type=_positive(int), default=3)
     sub.add_parser("down", help="delete the persistent link")
     for name in ("_source", "_sink"):  # internal: the two ends of `measure`, run inside the namespaces
         p = sub.add_parser(name)

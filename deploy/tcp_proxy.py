@@ -79,12 +79,12 @@ class ProxyConfig:
     break_after_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.delay_ms < 0 or self.jitter_ms < 0:
-            raise ValueError("delay_ms and jitter_ms must be >= 0")
+        if not (0 <= self.delay_ms < math.inf and 0 <= self.jitter_ms < math.inf):
+            raise ValueError("delay_ms and jitter_ms must be finite and >= 0")
         if not 0.0 <= self.loss < 1.0:
             raise ValueError("loss must be in [0, 1)")
-        if self.rate_mbit is not None and self.rate_mbit <= 0:
-            raise ValueError("rate_mbit must be > 0 or None")
+        if self.rate_mbit is not None and not 0 < self.rate_mbit < math.inf:  # NaN meant "unlimited"
+            raise ValueError("rate_mbit must be finite and > 0, or None")
         if self.break_after_bytes is not None and self.break_after_bytes < 0:
             raise ValueError("break_after_bytes must be >= 0 or None")
 
@@ -397,7 +397,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-seconds", type=float, default=3600.0, help="exit after this long")
     args = ap.parse_args(argv)
-    asyncio.run(_serve(args))
+    try:
+        asyncio.run(_serve(args))
+    except (ValueError, OSError, OverflowError) as e:  # bad address, refused target, port in use
+        ap.error(str(e))
     return 0
 
 

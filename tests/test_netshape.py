@@ -275,6 +275,25 @@ def test_proxy_cli_runs_and_forwards() -> None:
     assert asyncio.run(main()) == b"hello"
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["-m", "deploy.tcp_proxy", "--target", "127.0.0.1"], "expected HOST:PORT"),
+        (["-m", "deploy.tcp_proxy", "--target", "127.0.0.1:9", "--loss", "1.5"], "loss must be"),
+        (["-m", "deploy.tcp_proxy", "--target", "127.0.0.1:9", "--rate-mbit", "nan"], "rate_mbit must be"),
+        (["-m", "deploy.tcp_proxy", "--target", "192.0.2.1:80"], "outside"),
+        (["-m", "deploy.tcp_proxy", "--target", "127.0.0.1:9", "--listen", "127.0.0.1:99999"], "port"),
+        (["-m", "deploy.netshape", "measure", "--rate-mbit", "10", "--repeat", "0"], "finite and > 0"),
+        (["-m", "deploy.netshape", "up", "--rate-mbit", "nan"], "must be finite and > 0"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(argv: list[str], needle: str) -> None:
+    # Checked before any namespace or socket exists (netshape's need root only after parsing).
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # -- ShapedLink -------------------------------------------------------------------------------------
 
 def _require_netshape() -> None:
