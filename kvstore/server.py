@@ -8,9 +8,9 @@ bearer tokens (``kvstore.auth``) checked by the same wrapper, each limited to it
 quota. Health and reflection are not wrapped and stay open.
 
 Status codes: INVALID_ARGUMENT (bad spec / ids / level / blob / part order / oversized part or blob),
-NOT_FOUND (unknown context), RESOURCE_EXHAUSTED (backend full, request limits, namespace quota, too many
-concurrent data streams), UNAUTHENTICATED (missing or unknown token), PERMISSION_DENIED (namespace not
-allowed for the token), UNAVAILABLE (backend error), DEADLINE_EXCEEDED.
+NOT_FOUND (unknown context), RESOURCE_EXHAUSTED (backend full, request limits, namespace quota),
+UNAUTHENTICATED (missing or unknown token), PERMISSION_DENIED (namespace not allowed for the token),
+UNAVAILABLE (backend error, namespace busy, this front end at max_data_streams), DEADLINE_EXCEEDED.
 A failed request leaves the store as it was: uploads are buffered until Commit.
 """
 
@@ -365,8 +365,12 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             yield
             return
         if self._data_streams >= self.config.max_data_streams:
-            raise LimitExceeded(
-                f"too many concurrent data streams (max_data_streams={self.config.max_data_streams})"
+            # UNAVAILABLE, not RESOURCE_EXHAUSTED: the cap is this front end's, and clients move on to
+            # another front end (or back off) after UNAVAILABLE only.
+            raise RpcFailure(
+                grpc.StatusCode.UNAVAILABLE,
+                f"front end busy: too many concurrent data streams "
+                f"(max_data_streams={self.config.max_data_streams})",
             )
         self._data_streams += 1
         try:

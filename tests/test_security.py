@@ -561,7 +561,17 @@ async def test_concurrent_data_streams_are_capped() -> None:
             ):
                 with pytest.raises(KVStreamError) as err:
                     await attempt
-                assert err.value.code == Code.RESOURCE_EXHAUSTED and "max_data_streams" in err.value.message
+                assert err.value.code == Code.UNAVAILABLE and "max_data_streams" in err.value.message
+            # With a second front end over the same store, a busy one is skipped.
+            other = KVStreamServer(srv.config, backend=srv.backend)
+            await other.start()
+            try:
+                async with AsyncKVCacheClient([srv.address, other.address], timeout=5.0) as both:
+                    for _ in range(2):  # round robin: one of the two starts at the busy front end
+                        assert (await both.fetch(_model("default"), IDS, level=0)).prefix_tokens == 128
+                        await both.store(_model("default"), IDS, _kv(), levels=[0])
+            finally:
+                await other.stop(0)
             assert (
                 await kvs.lookup(_model("default"), IDS)
             ).prefix_tokens == 128  # unary RPCs are not capped
