@@ -638,11 +638,14 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                 call.bytes_in += added
                 self._buffered_put_bytes += added
                 if self._buffered_put_bytes > self.config.max_buffered_put_bytes:
-                    raise LimitExceeded(
+                    busy = (
                         f"this front end is buffering {self._buffered_put_bytes} bytes of uploads"
-                        f" (max_buffered_put_bytes {self.config.max_buffered_put_bytes}); retry later"
-                        " or on another front end; nothing was stored"
+                        f" (max_buffered_put_bytes {self.config.max_buffered_put_bytes}); nothing was stored"
                     )
+                    if call.bytes_in > self.config.max_buffered_put_bytes:  # would never fit
+                        raise LimitExceeded(busy)
+                    # Other uploads fill it: UNAVAILABLE sends the client on to another front end.
+                    raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"front end busy: {busy}")
                 if call.bytes_in > self.config.max_put_bytes:
                     raise LimitExceeded(f"PutChunks carries more than {self.config.max_put_bytes} bytes")
                 if quota and call.bytes_in > quota:  # fail early instead of buffering a hopeless upload

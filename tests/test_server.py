@@ -368,11 +368,17 @@ async def test_uploads_together_are_bounded_by_max_buffered_put_bytes(
     await asyncio.sleep(0.1)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.PutChunks(_aiter(second))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "max_buffered_put_bytes" in (err.value.details() or "")
+    # Busy with other uploads: UNAVAILABLE, which clients retry on another front end.
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "front end busy" in (err.value.details() or "") and "max_buffered_put_bytes" in err.value.details()
     server.config.max_buffered_put_bytes = 1 << 30
     assert (await slow).stored_chunks == 1
     assert (await stub.PutChunks(_aiter(second))).stored_chunks == 1  # the budget was given back
+    server.config.max_buffered_put_bytes = len(second[1].part.data) // 2
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # too large for this front end even when idle
+        await stub.PutChunks(_aiter(put_messages(model, list(range(2, 18)), [{0: _blob()}])))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    server.config.max_buffered_put_bytes = 1 << 30
     assert server._servicer is not None and server._servicer._buffered_put_bytes == 0
 
 
