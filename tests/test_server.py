@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import signal
@@ -515,6 +516,8 @@ async def _stream_with_reports(
                 chunk_index=resp.chunk.chunk_index, bytes_per_second=bytes_per_second, decode_seconds=1e-3
             )
             await requests.put(pb.StreamContextRequest(report=report))
+            if not math.isfinite(bytes_per_second):  # the server ends the call: writing more would race it
+                await requests.put(None)
         elif resp.WhichOneof("msg") == "trailer":
             trailer = resp.trailer
             await requests.put(None)
