@@ -52,6 +52,7 @@ log = logging.getLogger("kvstore.store")
 T = TypeVar("T")
 
 DEFAULT_TTL_S = 86400.0
+STAGING_TTL_S = 600.0  # blobs written before a put commits live this long unless the commit keeps them
 DEFAULT_MAX_BLOB_BYTES = 256 << 20
 DEFAULT_MAX_CONTEXT_CHUNKS = 16384
 _SIDECAR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -502,7 +503,7 @@ class ChunkStore:
         ``byte_budget``: the most ``total_bytes`` the context may have after this put (a quota), or an
         async callable returning it; checked before any blob is written and again under the lease.
         ``QuotaExceeded`` otherwise (blobs written before a failed second check are unreferenced and
-        expire with ``ttl``).
+        expire after ``STAGING_TTL_S``).
         """
         ns = model.namespace
         hashes = self.context_hashes(model, token_ids)
@@ -525,7 +526,11 @@ class ChunkStore:
         items = _blob_items(ns, hashes, chunks)
         present = await self.backend.exists_many([it.key for it in items])
         new = [it for it, exists in zip(items, present, strict=True) if not exists]
-        await self.backend.put_many([(it.key, self._seal_blob(model, it)) for it in new], ttl_s)
+        # Staged with a short TTL: the commit sets the real one; an upload refused there (quota) or
+        # cut off leaves nothing that outlives STAGING_TTL_S.
+        await self.backend.put_many(
+            [(it.key, self._seal_blob(model, it)) for it in new], min(ttl_s, STAGING_TTL_S)
+        )
         kept = {
             (it.chunk, it.level)
             for it, exists in zip(items, present, strict=True)
@@ -656,17 +661,20 @@ class ChunkStore:
         if byte_budget is not None:
             await _check_budget(total_bytes, byte_budget)
 
-        # 1. blobs: rewrite any a delete freed since they were written or found, set every TTL.
+        # 1. blobs: rewrite any a delete freed since they were written or found, then set the TTL of
+        # every blob the merged record lists (levels and sidecars a sharing context stored too: they must
+        # not expire underneath this context) and of the blobs staged before the lease.
         present = await self.backend.exists_many([it.key for it in items])
         gone: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
-        keep: dict[float | None, list[str]] = defaultdict(list)
         for it, exists in zip(items, present, strict=True):
-            if exists:
-                keep[chunk_ttl[it.chunk]].append(it.key)
-            else:
+            if not exists:
                 gone[chunk_ttl[it.chunk]].append((it.key, self._seal_blob(model, it)))
         for t, pairs in gone.items():
             await self.backend.put_many(pairs, t)
+        keep: dict[float | None, list[str]] = defaultdict(list)
+        for h, rec, t in zip(hashes, records, chunk_ttl, strict=True):
+            keep[t] += [blob_key(ns, h, lv.level) for lv in rec.levels]
+            keep[t] += [sidecar_key(ns, h, name) for name in rec.sidecars]
         for t, keys in keep.items():
             await self.backend.set_ttl(keys, t)
         rewritten = sum(len(it.data) for it, exists in zip(items, present, strict=True) if not exists)

@@ -17,6 +17,7 @@ from kvstore.envelope import Envelope, Kind, open_envelope, seal
 from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.rpc import pb
 from kvstore.store import (
+    STAGING_TTL_S,
     ChunkBlobs,
     ChunkStore,
     ContextNotFound,
@@ -31,6 +32,7 @@ from kvstore.store import (
     name_key,
     record_key,
     refs_key,
+    sidecar_key,
 )
 
 N = 16  # chunk_tokens
@@ -371,6 +373,42 @@ async def test_a_full_store_can_still_be_emptied() -> None:
     await store.set_pinned(model, ContextQuery(token_ids=stored[0]), False)  # no room for a lease key
     assert await store.delete(model, ContextQuery(token_ids=stored[-1])) == 2
     await store.backend.close()
+
+
+async def test_a_shared_chunk_keeps_every_level_its_record_lists(store: ChunkStore, model: ModelKey) -> None:
+    # a stores levels 0 and 2 and a sidecar, short-lived; b pins a context over a's chunk 0 with level 0
+    # only. b's record of chunk 0 lists level 2 and the sidecar: they must live (here: be pinned) with b.
+    backend, ns = store.backend, model.namespace
+    a_ids, b_ids = list(range(N)), list(range(N)) + [7] * N
+    kv = _kv(2 * N)
+    a_chunk = _blobs(kv[:, :, :N], (0, 2))[0]
+    await store.put(model, a_ids, [ChunkBlobs(a_chunk.levels, {"idx": b"S" * 100})], ttl=30)
+    await store.put(model, b_ids, _blobs(kv, (0,)), pin=True)
+    h0 = chunk_hashes(model, b_ids)[0]
+    for key in (blob_key(ns, h0, 0), blob_key(ns, h0, 2), sidecar_key(ns, h0, "idx"), record_key(ns, h0)):
+        assert await backend.get_ttl(key) is None, key
+
+
+async def test_blobs_of_a_refused_put_expire_soon(store: ChunkStore, model: ModelKey) -> None:
+    # Written before the lease, refused under it (a second quota check): staged with a short TTL, so
+    # concurrent over-quota uploads cannot park bytes for the TTL the tenant asked for.
+    ids = list(range(2 * N))
+    calls = 0
+
+    async def budget() -> int:  # passes the early check, refuses the one under the lease
+        nonlocal calls
+        calls += 1
+        return 1 << 30 if calls == 1 else 0
+
+    with pytest.raises(QuotaExceeded):
+        await store.put(model, ids, _blobs(_kv(2 * N)), ttl=10**9, byte_budget=budget)
+    blobs = await _keys(store.backend, model, "L0")
+    assert len(blobs) == 2 and not await _keys(store.backend, model, "man")
+    for key in blobs:
+        assert 0 < (await store.backend.get_ttl(key) or 0) <= STAGING_TTL_S
+    await store.put(model, ids, _blobs(_kv(2 * N)), ttl=10**6)  # a put that commits sets the real TTL
+    for key in blobs:
+        assert (await store.backend.get_ttl(key) or 0) > 10**6 - 100
 
 
 async def test_a_reput_adds_to_the_manifest_and_a_budget_refuses_before_writing(
