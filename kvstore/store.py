@@ -715,7 +715,8 @@ class ChunkStore:
                 # Stored form: the configured TTL (-1 = put pinned); GetContext reports the remaining one.
                 ttl_seconds=-1.0 if pin and not ttl else ttl_s,
                 created_unix=old_man.info.created_unix if old_man else time.time(),
-                metadata=dict(metadata or {}),
+                # a re-put (a retry, one more level) keeps what it does not restate
+                metadata={**(old_man.info.metadata if old_man else {}), **(metadata or {})},
             ),
             chunk_hashes=hashes,
             token_ids=token_array(token_ids)[: len(hashes) * n].tolist(),
@@ -726,6 +727,8 @@ class ChunkStore:
         if name:
             nk = name_key(ns, name)
             await self.backend.put(nk, seal(nk, Envelope(Kind.NAME_INDEX, model.model_id, ctx)), man_ttl)
+        if old_man is not None and old_man.info.name and old_man.info.name != name:  # renamed
+            await self._drop_name(ns, old_man.info.name, ctx)
         return sum(1 for r in old_recs if r is not None), rewritten
 
     # ----- lookup and reads -------------------------------------------------------------------

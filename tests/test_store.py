@@ -245,6 +245,22 @@ async def test_levels_and_sidecars_accumulate(store: ChunkStore, model: ModelKey
     assert await store.read_sidecar(model, chunk, "sparse.idx") == b"\x01\x02"
 
 
+async def test_a_reput_keeps_metadata_and_a_rename_frees_the_old_name(
+    store: ChunkStore, model: ModelKey
+) -> None:
+    ids, kv = list(range(2 * N)), _kv(2 * N)
+    await store.put(model, ids, _blobs(kv, (0,)), name="doc", metadata={"source": "manual", "v": "1"})
+    await store.put(model, ids, _blobs(kv, (2,)), metadata={"v": "2"})  # one more level: no restatement
+    info = await store.get_context(model, ContextQuery(name="doc"))
+    assert dict(info.metadata) == {"source": "manual", "v": "2"}
+    await store.put(model, ids, _blobs(kv, (0,)), name="manual-v2")
+    assert (await store.get_context(model, ContextQuery(name="manual-v2"))).context_id == info.context_id
+    with pytest.raises(ContextNotFound):
+        await store.resolve(model, ContextQuery(name="doc"))  # the old name no longer points here
+    await store.delete(model, ContextQuery(name="manual-v2"))
+    assert await _keys(store.backend, model) == []  # nothing left behind, no old name key either
+
+
 async def test_names_are_per_namespace_even_with_colons(store: ChunkStore, model: ModelKey) -> None:
     # The old name key "{ns:name:N}" was shared by ("a", "prod:name:doc") and ("a:name:prod", "doc").
     other = dataclasses.replace(model, namespace=model.namespace + ":name:prod")
