@@ -889,30 +889,42 @@ class ChunkStore:
         ]
 
     async def delete(self, model: ModelKey, query: ContextQuery) -> int:
-        """Drop a context; frees chunks no other context references. Returns the chunks freed."""
+        """Drop a context; frees chunks no other context references. Returns the chunks freed.
+
+        Chunks are released before the manifest goes: a delete cut short by a backend error leaves the
+        context findable, and running it again finishes the job.
+        """
         ns = model.namespace
         async with self.namespace_lease(ns, freeing=True):  # a full store must stay deletable
             ctx = await self.resolve(model, query)
             man = await self.manifest(ns, ctx)
-            await self.backend.delete_many([manifest_key(ns, ctx)])  # invisible first
             hashes = list(man.chunk_hashes)
             records = await self._records(ns, hashes)
 
             async def release(h: bytes, rec: pb.ChunkInfo | None) -> bool:
-                refs_left = await self.backend.set_remove(refs_key(ns, h), [ctx])
+                refs = refs_key(ns, h)
+                counted = ctx in await self.backend.set_members(refs)
+                refs_left = await self.backend.set_remove(refs, [ctx])
                 pins_left = await self.backend.set_remove(pins_key(ns, h), [ctx])
                 keys = _chunk_keys(ns, h, rec.sidecars if rec else ())
-                if refs_left == 0:
+                if refs_left == 0 and counted:
                     await self.backend.delete_many(keys)
                     for key in keys:
                         self.hot_cache.discard(key)
                     self.metrics.hot_cache_bytes.set(self.hot_cache.stats().bytes)
                     return True
+                if refs_left == 0:
+                    # No refcount to go by (evicted, or released by an earlier try of this delete): other
+                    # contexts may still read the chunk, so it is not freed, only kept from living forever.
+                    if pins_left == 0 and await self._expiry(record_key(ns, h)) == math.inf:
+                        await self.backend.set_ttl(keys, self.default_ttl)
+                    return False
                 if man.info.pinned and pins_left == 0:
                     await self.backend.set_ttl(keys, await self._unpinned_ttl(ns, h, ctx, self.default_ttl))
                 return False
 
             freed = await _gather_bounded((release(h, r) for h, r in zip(hashes, records, strict=True)))
+            await self.backend.delete_many([manifest_key(ns, ctx)])
             await self._drop_name(ns, man.info.name, ctx)
         return sum(freed)
 

@@ -161,6 +161,40 @@ async def test_shared_prefixes_are_stored_once_and_survive_delete(store: ChunkSt
     assert await _keys(store.backend, model) == []
 
 
+async def test_a_lost_refcount_never_frees_a_chunk_another_context_uses(
+    store: ChunkStore, model: ModelKey
+) -> None:
+    # Refcount sets are plain keys with a TTL that no read touches: LRU eviction can take them first.
+    a_ids, b_ids = list(range(2 * N)), list(range(N)) + [9] * N  # chunk 0 shared
+    await store.put(model, a_ids, _blobs(_kv(2 * N, 1)))
+    await store.put(model, b_ids, _blobs(_kv(2 * N, 1)))
+    h0 = chunk_hashes(model, a_ids)[0]
+    await store.backend.delete_many([refs_key(model.namespace, h0)])  # evicted
+    assert await store.delete(model, ContextQuery(token_ids=b_ids)) == 1  # b's own chunk only
+    assert (await store.lookup(model, a_ids)).prefix_chunks == 2
+
+
+async def test_a_delete_cut_short_can_be_run_again(store: ChunkStore, model: ModelKey) -> None:
+    ids = list(range(3 * N))
+    await store.put(model, ids, _blobs(_kv(3 * N)), name="doc", pin=True)
+    real, calls = store.backend.set_remove, 0
+
+    async def flaky(key: str, members: Sequence[bytes]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise BackendError("connection reset (injected)")
+        return await real(key, members)
+
+    store.backend.set_remove = flaky  # type: ignore[method-assign]
+    with pytest.raises(BackendError):
+        await store.delete(model, ContextQuery(name="doc"))
+    store.backend.set_remove = real  # type: ignore[method-assign]
+    await store.delete(model, ContextQuery(name="doc"))  # still findable by name: finishes the job
+    for key in await _keys(store.backend, model):  # nothing pinned forever
+        assert await store.backend.get_ttl(key) is not None, key
+
+
 async def test_pin_and_unpin_ttls(store: ChunkStore, model: ModelKey) -> None:
     backend = store.backend
     a_ids, b_ids = list(range(2 * N)), list(range(N)) + [5] * N
