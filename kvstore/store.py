@@ -806,6 +806,8 @@ class ChunkStore:
                 self._corrupt(key, Kind.CHUNK, str(e))
                 body = None
         self.metrics.chunk_reads.labels("hit" if body is not None else "corrupt").inc()
+        if body is None:
+            await self._drop_corrupt(key)
         # A read past the cache (an integrity scan) does not fill it: a scan would flush the hot set.
         if (
             cached
@@ -820,8 +822,18 @@ class ChunkStore:
     async def read_sidecar(self, model: ModelKey, info: pb.ChunkInfo, name: str) -> bytes | None:
         """The verified sidecar ``name`` of chunk ``info``; None when missing or corrupt."""
         key = sidecar_key(model.namespace, info.hash, name)
-        env = self._open(key, await self.backend.get(key), Kind.SIDECAR)
+        raw = await self.backend.get(key)
+        env = self._open(key, raw, Kind.SIDECAR)
+        if raw is not None and env is None:
+            await self._drop_corrupt(key)
         return None if env is None else env.body
+
+    async def _drop_corrupt(self, key: str) -> None:
+        """Delete a blob that failed verification: puts skip blobs that exist, so only a missing one is
+        rewritten by the next upload of its context (the chunk is unusable either way)."""
+        await self.backend.delete_many([key])
+        self.hot_cache.discard(key)
+        log.warning("corrupt blob deleted key=%s (the next put of its context rewrites it)", key)
 
     # ----- contexts ---------------------------------------------------------------------------
 

@@ -246,6 +246,22 @@ async def test_corrupt_records_give_a_shorter_verified_prefix(store: ChunkStore,
     assert _corrupted(store, Kind.CHUNK) == 1
 
 
+async def test_a_corrupt_blob_is_rewritten_by_the_next_put(store: ChunkStore, model: ModelKey) -> None:
+    ids, kv = list(range(2 * N)), _kv(2 * N)
+    await store.put(model, ids, _blobs(kv))
+    key = blob_key(model.namespace, chunk_hashes(model, ids)[1], 0)
+    raw = bytearray(await store.backend.get(key) or b"")
+    raw[-3] ^= 0xFF  # bit rot in the stored envelope
+    await store.backend.put_many([(key, bytes(raw))], 3600)
+    look = await store.lookup(model, ids)
+    assert await store.read_blob(model, look.chunks[1], 0, cached=False) is None  # found: dropped
+    assert await store.backend.get(key) is None
+    res = await store.put(model, ids, _blobs(kv))  # the producer uploads the context again
+    assert res.bytes_written == len(_blobs(kv)[1].levels[0])
+    blob = await store.read_blob(model, (await store.lookup(model, ids)).chunks[1], 0)
+    assert blob is not None and torch.equal(codec.decode(blob), kv[:, :, N:])
+
+
 async def test_concurrent_writers_of_one_context(store: ChunkStore, model: ModelKey) -> None:
     ids = list(range(3 * N))
     kv = _kv(3 * N, 4)
