@@ -41,6 +41,7 @@ class Kind(enum.IntEnum):
     CHUNK_RECORD = 3  # committed chunk: which levels/sidecars exist and their sizes
     MANIFEST = 4  # committed context
     NAME_INDEX = 5  # human context name -> context id (body: the 32-byte context id)
+    CONTEXT_INFO = 6  # a committed context's pb.ContextInfo without token ids: what List/Stat/quotas read
 
 
 class CorruptRecord(ValueError):

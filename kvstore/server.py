@@ -63,7 +63,6 @@ log = logging.getLogger("kvstore.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStream"].full_name
 _DEADLINE_FLOOR_S = 0.02  # always keep this much time for the trailer
 _HALF_CLOSE_WAIT_S = 2.0  # how long a finished stream waits for the client to stop writing
-_ALL_CONTEXTS = 1 << 62  # list_contexts limit meaning "all of them" (its 0 means 1000)
 
 
 class RpcFailure(Exception):
@@ -714,7 +713,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         several contexts counts in each: conservative); the context's own manifest after the put is
         checked against the rest by ``ChunkStore.put``, under the namespace's lease.
         """
-        infos = await self.store.list_contexts(namespace, limit=_ALL_CONTEXTS)
+        infos = await self.store.context_infos(namespace)
         return quota - sum(i.total_bytes for i in infos if i.context_id != context_id)
 
     # -- StreamContext ---------------------------------------------------------------------------

@@ -9,6 +9,9 @@ Key scheme (the ``{hash tag}`` keeps every key of one chunk on one Redis Cluster
     kvs:{tag}:refs         set of context ids referencing the chunk (refcount for delete)
     kvs:{tag}:pins         set of pinned context ids referencing the chunk (pinned iff non-empty)
     kvs:{ns:ctxid}:man     MANIFEST envelope (pb.Manifest); context id = hash of the context's last chunk
+    kvs:{ns:ctxid}:inf     CONTEXT_INFO envelope (pb.ContextInfo, no token ids): the manifest's summary,
+                           same TTL, so List/Stat/quotas need not load every context's token ids
+                           (contexts stored before it have none: their manifest is read instead)
     kvs:{ns:name}:N        NAME_INDEX envelope (body: the context id) for lookups by human name
                            (before: kvs:{ns:name:N}:name, still read: ``legacy_name_key``)
     kvs:{ns:lease}:lease   a namespace lease (random owner token, short TTL) held across front ends
@@ -117,6 +120,10 @@ def manifest_key(ns: str, context_id: bytes) -> str:
     return f"kvs:{_tag(ns, context_id)}:man"
 
 
+def info_key(ns: str, context_id: bytes) -> str:
+    return f"kvs:{_tag(ns, context_id)}:inf"
+
+
 def name_key(ns: str, name: str) -> str:
     # "}" can occur in neither part, and the tag is the namespace plus a fixed suffix: one key per pair.
     return "kvs:{" + ns + ":name}:" + name
@@ -132,14 +139,18 @@ def lease_key(ns: str) -> str:
     return "kvs:{" + ns + ":lease}:lease"
 
 
-def _manifest_pattern(ns: str | None) -> str:
+def _context_pattern(ns: str | None, suffix: str) -> str:
     # A context id is 2*HASH_BYTES hex digits: "*" alone would also match the name key of a context
-    # named "man" (kvs:{ns:name}:man). Globs cannot say "hex": _MANIFEST_KEY checks what comes back.
-    tail = ":" + "?" * (2 * HASH_BYTES) + "}:man"
+    # named "man" (kvs:{ns:name}:man). Globs cannot say "hex": _context_key checks what comes back.
+    tail = ":" + "?" * (2 * HASH_BYTES) + "}:" + suffix
     return "kvs:{*" + tail if ns is None else "kvs:{" + ns + tail
 
 
-_MANIFEST_KEY = re.compile(r"kvs:\{.*:[0-9a-f]{" + str(2 * HASH_BYTES) + r"}\}:man")
+def _context_key(suffix: str) -> re.Pattern[str]:
+    return re.compile(r"kvs:\{.*:[0-9a-f]{" + str(2 * HASH_BYTES) + r"}\}:" + suffix)
+
+
+_MANIFEST_KEY, _INFO_KEY = _context_key("man"), _context_key("inf")
 
 
 def _chunk_keys(ns: str, chunk_hash: bytes, sidecars: Iterable[str]) -> list[str]:
@@ -721,9 +732,7 @@ class ChunkStore:
             chunk_hashes=hashes,
             token_ids=token_array(token_ids)[: len(hashes) * n].tolist(),
         )
-        await self.backend.put(
-            man_key, seal(man_key, Envelope(Kind.MANIFEST, model.model_id, man.SerializeToString())), man_ttl
-        )
+        await self._put_manifest(ns, man, man_ttl)
         if name:
             nk = name_key(ns, name)
             await self.backend.put(nk, seal(nk, Envelope(Kind.NAME_INDEX, model.model_id, ctx)), man_ttl)
@@ -876,9 +885,9 @@ class ChunkStore:
             raise ContextNotFound(f"no committed context {context_id.hex()[:16]}… in namespace {ns!r}")
         return man
 
-    async def _with_remaining_ttl(self, ns: str, man: pb.Manifest) -> pb.ContextInfo:
+    async def _with_remaining_ttl(self, ns: str, summary: pb.ContextInfo) -> pb.ContextInfo:
         info = pb.ContextInfo()
-        info.CopyFrom(man.info)
+        info.CopyFrom(summary)
         try:
             remaining = await self.backend.get_ttl(manifest_key(ns, info.context_id))
         except KeyError:
@@ -889,7 +898,7 @@ class ChunkStore:
     async def get_context(self, model: ModelKey, query: ContextQuery) -> pb.ContextInfo:
         ctx = await self.resolve(model, query)
         man = await self.manifest(model.namespace, ctx)
-        info = await self._with_remaining_ttl(model.namespace, man)
+        info = await self._with_remaining_ttl(model.namespace, man.info)
         info.token_ids.extend(man.token_ids)  # lets operators re-read a context they only know by id
         return info
 
@@ -936,7 +945,7 @@ class ChunkStore:
                 return False
 
             freed = await _gather_bounded((release(h, r) for h, r in zip(hashes, records, strict=True)))
-            await self.backend.delete_many([manifest_key(ns, ctx)])
+            await self.backend.delete_many([manifest_key(ns, ctx), info_key(ns, ctx)])
             await self._drop_name(ns, man.info.name, ctx)
         return sum(freed)
 
@@ -987,51 +996,88 @@ class ChunkStore:
 
             await _gather_bounded((apply(h, r) for h, r in zip(hashes, records, strict=True)))
             man.info.pinned = pinned
-            key = manifest_key(ns, ctx)
             man_ttl = None if pinned else ttl
-            await self.backend.put(
-                key,
-                seal(key, Envelope(Kind.MANIFEST, man.info.model.model_id, man.SerializeToString())),
-                man_ttl,
-            )
+            await self._put_manifest(ns, man, man_ttl)
             if names := await self._name_keys(ns, man.info.name, ctx):
                 await self.backend.set_ttl(names, man_ttl)
         return pinned, len(hashes)
 
-    async def _manifests(self, ns: str | None) -> list[tuple[str, pb.Manifest]]:
-        """All verified manifests of namespace ``ns`` (None = every namespace)."""
-        keys = [k async for k in self.backend.scan(_manifest_pattern(ns)) if _MANIFEST_KEY.fullmatch(k)]
-        out: list[tuple[str, pb.Manifest]] = []
-        for start in range(0, len(keys), _MANIFEST_BATCH):
-            batch = keys[start : start + _MANIFEST_BATCH]
+    async def _put_manifest(self, ns: str, man: pb.Manifest, ttl: float | None) -> None:
+        """Write a context's manifest and its info summary (same TTL: they expire together)."""
+        ctx, model_id = man.info.context_id, man.info.model.model_id
+        mk, ik = manifest_key(ns, ctx), info_key(ns, ctx)
+        await self.backend.put_many(
+            [
+                (mk, seal(mk, Envelope(Kind.MANIFEST, model_id, man.SerializeToString()))),
+                (ik, seal(ik, Envelope(Kind.CONTEXT_INFO, model_id, man.info.SerializeToString()))),
+            ],
+            ttl,
+        )
+
+    async def context_infos(self, namespace: str | None) -> list[pb.ContextInfo]:
+        """Stored summaries of the committed contexts of ``namespace`` (None = every namespace), in no
+        order; ``ttl_seconds`` is the configured TTL, not the remaining one.
+
+        Reads the small info keys, not the manifests (which hold every token id); a context without a
+        readable info key (stored before they existed, or corrupt) is read from its manifest. An info key
+        whose manifest is gone (evicted, or deleted by an older front end) does not count.
+        """
+        man_keys = {
+            k
+            async for k in self.backend.scan(_context_pattern(namespace, "man"))
+            if _MANIFEST_KEY.fullmatch(k)
+        }
+        inf_keys = [
+            k
+            async for k in self.backend.scan(_context_pattern(namespace, "inf"))
+            if _INFO_KEY.fullmatch(k) and k[:-3] + "man" in man_keys
+        ]
+        out: list[pb.ContextInfo] = []
+        summarised: set[str] = set()
+        for start in range(0, len(inf_keys), _MANIFEST_BATCH):
+            batch = inf_keys[start : start + _MANIFEST_BATCH]
             for key, raw in zip(batch, await self.backend.get_many(batch), strict=True):
-                man = self._parse_manifest(key, raw)
-                # The scan pattern is a glob: "a:*" also matches namespace "a:b"; filter exactly.
-                if man is not None and (ns is None or man.info.model.namespace == ns):
-                    out.append((man.info.model.namespace, man))
-        return out
+                env = self._open(key, raw, Kind.CONTEXT_INFO)
+                info = pb.ContextInfo()
+                try:
+                    if env is None:
+                        continue
+                    info.ParseFromString(env.body)
+                except Exception as e:  # see _parse_record
+                    self._corrupt(key, Kind.CONTEXT_INFO, f"info body does not parse: {e}")
+                    continue
+                summarised.add(key[:-3] + "man")
+                out.append(info)
+        legacy = sorted(man_keys - summarised)
+        for start in range(0, len(legacy), _MANIFEST_BATCH):
+            batch = legacy[start : start + _MANIFEST_BATCH]
+            for key, raw in zip(batch, await self.backend.get_many(batch), strict=True):
+                if (man := self._parse_manifest(key, raw)) is not None:
+                    out.append(man.info)
+        # The scan pattern is a glob: "a:*" also matches namespace "a:b"; filter exactly.
+        return [i for i in out if namespace is None or i.model.namespace == namespace]
 
     async def list_contexts(
         self, namespace: str = "", model_id: str = "", limit: int = 0
     ) -> list[pb.ContextInfo]:
         """Committed contexts of ``namespace`` (""=default), newest first, optionally of one model."""
         ns = namespace or DEFAULT_NAMESPACE
-        mans = [m for _, m in await self._manifests(ns) if not model_id or m.info.model.model_id == model_id]
-        mans.sort(key=lambda m: (-m.info.created_unix, m.info.context_id))
-        mans = mans[: limit or 1000]
+        infos = [i for i in await self.context_infos(ns) if not model_id or i.model.model_id == model_id]
+        infos.sort(key=lambda i: (-i.created_unix, i.context_id))
+        infos = infos[: limit or 1000]
 
-        async def live(man: pb.Manifest) -> pb.ContextInfo | None:
+        async def live(info: pb.ContextInfo) -> pb.ContextInfo | None:
             try:
-                return await self._with_remaining_ttl(ns, man)
+                return await self._with_remaining_ttl(ns, info)
             except ContextNotFound:  # expired meanwhile: drops out
                 return None
 
-        return [i for i in await _gather_bounded(live(m) for m in mans) if i is not None]
+        return [i for i in await _gather_bounded(live(i) for i in infos) if i is not None]
 
     async def stat(self, namespace: str = "") -> pb.StatResponse:
         """Backend usage plus context counts of ``namespace`` ("" = whole store)."""
         stats = await self.backend.stats()
-        mans = await self._manifests(namespace or None)
+        infos = await self.context_infos(namespace or None)
         self.metrics.store_used_bytes.set(stats.used_bytes)
         self.metrics.store_keys.set(stats.keys)
         self.metrics.store_evictions.set(stats.evictions)
@@ -1040,8 +1086,8 @@ class ChunkStore:
             used_bytes=stats.used_bytes,
             capacity_bytes=stats.capacity_bytes,
             keys=stats.keys,
-            contexts=len(mans),
-            pinned_contexts=sum(1 for _, m in mans if m.info.pinned),
+            contexts=len(infos),
+            pinned_contexts=sum(1 for i in infos if i.pinned),
             evictions=stats.evictions,
         )
 

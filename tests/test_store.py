@@ -26,6 +26,7 @@ from kvstore.store import (
     NamespaceBusy,
     QuotaExceeded,
     blob_key,
+    info_key,
     lease_key,
     legacy_name_key,
     manifest_key,
@@ -103,15 +104,17 @@ async def test_put_lookup_and_partial_uploads(store: ChunkStore, model: ModelKey
 
     # A put that fails before its manifest is written commits no context.
     other = ModelKey("other", namespace=model.namespace, chunk_tokens=N)
-    real_put = store.backend.put
+    real_put_many = store.backend.put_many
 
-    async def failing_put(key: str, value: bytes, ttl: float | None) -> None:
-        raise BackendError("connection lost")
+    async def failing_manifest(items: Sequence[tuple[str, bytes]], ttl: float | None) -> None:
+        if any(key.endswith(":man") for key, _ in items):
+            raise BackendError("connection lost")
+        await real_put_many(items, ttl)
 
-    store.backend.put = failing_put  # type: ignore[method-assign]
+    store.backend.put_many = failing_manifest  # type: ignore[method-assign]
     with pytest.raises(BackendError):
         await store.put(other, ids, _blobs(kv))
-    store.backend.put = real_put  # type: ignore[method-assign]
+    store.backend.put_many = real_put_many  # type: ignore[method-assign]
     assert len(await _keys(store.backend, model, "man")) == 1
     with pytest.raises(ContextNotFound):
         await store.get_context(other, ContextQuery(token_ids=ids))
@@ -511,6 +514,33 @@ async def test_list_and_stat_by_namespace(store: ChunkStore, model: ModelKey) ->
     assert len(await store.list_contexts(model.namespace, limit=1)) == 1
     stat = await store.stat(model.namespace)
     assert stat.contexts == 2 and stat.keys > 0 and stat.backend == store.backend.name
+
+
+async def test_listing_reads_summaries_not_manifests(store: ChunkStore, model: ModelKey) -> None:
+    # Manifests hold every token id: List/Stat/quotas must not load them all. Contexts stored before
+    # summaries existed (no info key) are still listed from their manifest; a summary whose manifest is
+    # gone (evicted, or deleted by an older front end) is not.
+    ns = model.namespace
+    contexts = [await store.put(model, list(range(i, i + 2 * N)), _blobs(_kv(2 * N, i))) for i in range(3)]
+    legacy, gone = contexts[1].context_id, contexts[2].context_id
+    await store.backend.delete_many([info_key(ns, legacy), manifest_key(ns, gone)])
+    real_get_many, read = store.backend.get_many, []
+
+    async def spy(keys: Sequence[str]) -> list[bytes | None]:
+        read.extend(keys)
+        return await real_get_many(keys)
+
+    store.backend.get_many = spy  # type: ignore[method-assign]
+    listed = await store.list_contexts(ns)
+    store.backend.get_many = real_get_many  # type: ignore[method-assign]
+    assert sorted(c.context_id for c in listed) == sorted([contexts[0].context_id, legacy])
+    assert [k for k in read if k.endswith(":man")] == [manifest_key(ns, legacy)]
+    assert (await store.stat(ns)).contexts == 2
+    assert {i.context_id: i.total_bytes for i in await store.context_infos(ns)} == {
+        c.context_id: c.bytes_written for c in contexts[:2]
+    }
+    await store.delete(model, ContextQuery(context_id=contexts[0].context_id))
+    assert await store.backend.get(info_key(ns, contexts[0].context_id)) is None
 
 
 async def test_namespace_lease_is_exclusive_and_expires(store: ChunkStore, model: ModelKey) -> None:
