@@ -8,7 +8,9 @@ backend row and budget:
 * attention level (every layer, the dense model's queries and exact K/V of the decoded tokens, so errors do
   not compound): recall@K of the oracle top-K context keys per query head, attention-mass coverage of the
   attended set (context selection + generated tokens) under the dense softmax, relative error of the
-  attention output per query head (mean and p90);
+  attention output per query head (mean and p90); cache hit rate and bytes fetched per decode position
+  (all layers) in the steady state, i.e. positions 2..n, with the cold first position's cache fill
+  apart (``cold_fill_bytes``, ``cold_hit_rate``);
 * end to end: dense prefill, then teacher-forced decoding of the remaining tokens with sparse attention at
   every layer not in ``--dense-layers`` (generated K/V come from the sparse run): KL(dense || sparse) of the
   next-token distribution, NLL increase of the true next token, top-1 agreement.
@@ -22,6 +24,7 @@ is not better than sink+local.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 
 from client.model import Llama2c
-from client.sparse.base import SparseIndex, budget_tokens, get_backend
+from client.sparse.base import FetchStats, SparseIndex, budget_tokens, get_backend
 from client.sparse.decode import SparseDecoder
 
 BUDGETS = (0.0625, 0.125, 0.25)
@@ -64,8 +67,10 @@ class RowResult:
     dnll: float = 0.0
     top1: float = 0.0
     index_bytes: int = 0
-    hit_rate: float = 0.0
-    fetched_bytes_per_step: float = 0.0
+    hit_rate: float = 0.0  # steady state: decode positions 2..n (the first one fills the caches)
+    fetched_bytes_per_step: float = 0.0  # steady state, per decode position (all layers)
+    cold_fill_bytes: float = 0.0  # fetched at the first decode position (all layers)
+    cold_hit_rate: float = 0.0
     not_better_than_sink_local: list[str] = field(default_factory=list)
 
 
@@ -90,7 +95,10 @@ def attention_metrics(
     state = backend.prefill(kv[:, :, :prefill], index=index)
     k_budget = budget_tokens(budget, prefill)
     recalls, masses, errs = [], [], []
+    cold = FetchStats()
     for t in range(prefill, t_total):
+        if t == prefill + 1:  # the first decode position (every layer) filled the caches
+            cold = dataclasses.replace(state.stats)
         for layer in range(n_layers):
             q = queries[layer, t]
             out = backend.decode_step(state, layer, q, kv[layer, 0, t], kv[layer, 1, t])
@@ -110,7 +118,13 @@ def attention_metrics(
             masses.append((probs * chosen).sum(1))
             errs.append((out.cpu() - dense).norm(dim=1) / dense.norm(dim=1).clamp(min=1e-12))
     steps = t_total - prefill
-    stats = state.stats
+    if steps == 1:
+        cold = dataclasses.replace(state.stats)
+    # Steady state: decode positions 2..steps; the cold first position's cache fill is reported apart.
+    total = state.stats
+    steady = FetchStats(
+        units_hit=total.units_hit - cold.units_hit, units_missed=total.units_missed - cold.units_missed
+    )
     state.close()
     err = torch.cat(errs)
     return {
@@ -118,8 +132,10 @@ def attention_metrics(
         "mass": float(torch.cat(masses).mean()),
         "out_err": float(err.mean()),
         "out_err_p90": float(err.quantile(0.9)),
-        "hit_rate": stats.hit_rate,
-        "fetched_bytes_per_step": stats.bytes_fetched / steps,
+        "hit_rate": steady.hit_rate,
+        "fetched_bytes_per_step": (total.bytes_fetched - cold.bytes_fetched) / max(1, steps - 1),
+        "cold_fill_bytes": float(cold.bytes_fetched),
+        "cold_hit_rate": cold.hit_rate,
     }
 
 
@@ -210,15 +226,15 @@ def markdown_table(report: dict[str, Any]) -> str:
     """One Markdown table row per (backend row, budget)."""
     head = (
         "| budget | backend | recall@K | mass | out err mean / p90 | KL | ΔNLL | top-1 | hit rate | "
-        "fetched B/step | not better than sink+local |"
+        "fetched B/step | cold fill B | not better than sink+local |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in sorted(report["results"], key=lambda r: r["budget"]):
         lines.append(
             f"| {r['budget'] * 100:.2f}% ({r['budget_tokens']}) | {r['label']} | {r['recall']:.3f} | "
             f"{r['mass']:.3f} | {r['out_err']:.3f} / {r['out_err_p90']:.3f} | {r['kl']:.3f} | "
             f"{r['dnll']:.3f} | {r['top1']:.3f} | "
-            f"{r['hit_rate']:.2f} | {r['fetched_bytes_per_step']:.0f} | "
+            f"{r['hit_rate']:.2f} | {r['fetched_bytes_per_step']:.0f} | {r['cold_fill_bytes']:.0f} | "
             f"{', '.join(r['not_better_than_sink_local']) or '-'} |"
         )
     return "\n".join(lines)
