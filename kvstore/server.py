@@ -65,6 +65,19 @@ _DEADLINE_FLOOR_S = 0.02  # always keep this much time for the trailer
 _HALF_CLOSE_WAIT_S = 2.0  # how long a finished stream waits for the client to stop writing
 
 
+async def _drain(requests: Any, seconds: float) -> None:
+    """Read and drop what the client still sends, until it half-closes or ``seconds`` pass.
+
+    Ending a client-streaming call while the client is still writing makes grpc.aio report the
+    failed write as INTERNAL "Internal error from Core" instead of our status (grpc/grpc#36066):
+    a rejected upload would lose its reason. Nothing read here is kept.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
+
+
 class RpcFailure(Exception):
     """Raised inside a handler to end the call with ``code``."""
 
@@ -603,13 +616,16 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
     @_unary("PutChunks", data_stream=True)
     async def PutChunks(self, request_iterator: Any, context: Any, call: _Call) -> pb.PutChunksResponse:
+        it = request_iterator.__aiter__()
         try:
-            return await self._put_chunks(request_iterator, call)
+            return await self._put_chunks(it, call)
+        except Exception:
+            await _drain(it, _HALF_CLOSE_WAIT_S)
+            raise
         finally:  # the call's blobs are freed: they no longer count against max_buffered_put_bytes
             self._buffered_put_bytes -= call.bytes_in
 
-    async def _put_chunks(self, request_iterator: Any, call: _Call) -> pb.PutChunksResponse:
-        it = request_iterator.__aiter__()
+    async def _put_chunks(self, it: Any, call: _Call) -> pb.PutChunksResponse:
         try:
             first = await it.__anext__()
         except StopAsyncIteration:

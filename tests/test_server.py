@@ -335,6 +335,20 @@ async def test_bad_put_is_invalid_argument_and_changes_nothing(
     assert (await server.backend.stats()).keys == before.keys == 0
 
 
+async def test_a_refused_upload_keeps_its_status_while_the_client_is_still_writing(
+    stub: pb_grpc.KVStreamStub,
+) -> None:
+    # Refused at the header while 16 MB more are on their way: ending the call at once made grpc.aio
+    # report the client's next write as INTERNAL, losing the reason (grpc/grpc#36066).
+    model = ModelKey("m", chunk_tokens=16)
+    header = put_messages(model, list(range(16)), [{0: _blob()}])[0]
+    part = pb.ChunkPart(chunk_index=0, level=0, total_size=1 << 24, offset=1 << 16, data=bytes(1 << 16))
+    for _ in range(20):  # the first part is out of order; 255 more follow it
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.PutChunks(_aiter([header, *[pb.PutChunksRequest(part=part)] * 256]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+
+
 async def test_put_over_the_request_limit_is_resource_exhausted(
     server: KVStreamServer, stub: pb_grpc.KVStreamStub
 ) -> None:
