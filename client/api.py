@@ -570,8 +570,13 @@ class AsyncKVCacheClient:
                 last = _raise(err)
             except KVStreamError as err:  # bytes damaged in transit: another front end may do better
                 last = err
-            if last.code not in _RETRYABLE_FETCH:
-                break  # e.g. DEADLINE_EXCEEDED: keep what was verified, say why it is short
+            if state.announced and state.next_chunk >= state.announced:
+                last = None  # the connection broke after every announced chunk arrived: nothing is missing
+                break
+            # A front end that stalls before the first chunk (hung, black-holed) is as good as down.
+            stalled = last.code == grpc.StatusCode.DEADLINE_EXCEEDED and state.next_chunk == 0
+            if last.code not in _RETRYABLE_FETCH and not stalled:
+                break  # e.g. DEADLINE_EXCEEDED mid-stream: keep what was verified, say why it is short
         if last is not None and (state.next_chunk == 0 or last.code in _CALLER_ERRORS):
             # Nothing usable (or the request itself is wrong): let running decodes finish quietly.
             await asyncio.gather(*state.decodes, return_exceptions=True)
@@ -579,6 +584,14 @@ class AsyncKVCacheClient:
         if last is not None:
             state.truncated = True
             state.reason = f"stream failed after {state.next_chunk} chunks: {last.message}"
+        elif not state.truncated and state.next_chunk < min(state.announced, max_chunks or state.announced):
+            # A resumed stream's front end found a shorter prefix (evicted chunks, a shard down): its
+            # trailer is complete, but the first header promised more.
+            state.truncated = True
+            state.reason = (
+                f"the first front end announced {state.announced} chunks; after a failover only "
+                f"{state.next_chunk} could be read"
+            )
         result = await state.result()
         result.seconds = time.perf_counter() - t0
         self.bandwidth = state.bandwidth or self.bandwidth
@@ -717,6 +730,11 @@ class _FetchState:
         first decode; the median ignores a one-off slow decode such as a JIT compile)."""
         median = statistics.median(self._decode_seconds) if self._decode_seconds else 0.0
         return self.chunk_tokens / median if median > 0 else None
+
+    @property
+    def announced(self) -> int:
+        """Chunks the first stream's header announced (0 before it arrived)."""
+        return self._capacity
 
     def on_header(self, header: pb.StreamHeader) -> None:
         self._last_arrival = time.perf_counter()

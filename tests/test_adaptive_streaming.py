@@ -252,6 +252,32 @@ async def test_cut_stream_resumes_on_the_other_front_end_bit_exact(
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), report
 
 
+async def test_failover_never_hides_a_shorter_prefix_or_invents_a_missing_one(
+    two_front_ends: tuple[KVStreamServer, KVStreamServer],
+) -> None:
+    fe1, fe2 = two_front_ends
+    model = ModelKey("t", chunk_tokens=64)
+    ids = token_ids(768, 0)
+    blobs = codec.encode_context(synthetic_context(768, 64, SHAPE), 64, (0,))
+    async with AsyncKVCacheClient(fe1.address) as c:
+        await c.store(model, ids, blobs=blobs)
+    async with AsyncKVCacheClient(fe2.address) as c:  # the second front end sees only 4 chunks
+        await c.store(model, ids[:256], blobs=blobs[:4])
+    async with TcpProxy(("127.0.0.1", fe1.port)) as proxy:
+        front1 = _address(proxy)
+        # (1) Cut inside chunk 7; the other front end has 4: fewer than the 12 chunks announced arrive
+        # (how many: gRPC may drop what it received before the reset), and the result says so.
+        proxy.set(break_after_bytes=sum(len(b[0]) for b in blobs[:7]) + 20_000)
+        async with AsyncKVCacheClient([front1, fe2.address], part_bytes=64 << 10) as c:
+            short = await c.fetch(model, ids, level=0)
+        assert short.prefix_tokens < 768 and short.truncated and "announced 12" in short.reason
+        # (2) A front end that accepts the connection and never answers is skipped after the deadline.
+        proxy.set(break_after_bytes=None, delay_ms=60_000)
+        async with AsyncKVCacheClient([front1, fe2.address], timeout=1.0) as c:
+            served = await c.fetch(model, ids, level=0)
+        assert served.prefix_tokens == 256 and not served.truncated
+
+
 async def test_a_short_stream_returns_its_verified_prefix_as_one_compact_tensor(
     two_front_ends: tuple[KVStreamServer, KVStreamServer],
 ) -> None:
