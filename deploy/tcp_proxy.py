@@ -279,6 +279,10 @@ class TcpProxy:
                 self.stats.active -= 1
                 for w in conn.writers:
                     w.close()
+        except asyncio.CancelledError:
+            # stop(): end quietly. asyncio's stream server calls task.exception() on a handler task
+            # that ended cancelled, which logs "Exception in callback" for every open connection.
+            pass
         finally:
             self._handlers.discard(task)
 

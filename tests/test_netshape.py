@@ -203,12 +203,18 @@ async def test_proxy_cut_counts_delivered_bytes_in_both_directions() -> None:
 
 
 async def test_proxy_stops_with_idle_connections_open() -> None:
-    async with serve(streamer(10)) as target:
+    errors: list[str] = []  # asyncio logged "Exception in callback" per connection open at stop()
+    asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(str(ctx.get("message"))))
+    async with serve(echo) as target:
         proxy = TcpProxy(target)
         address = await proxy.start()
-        _, writer = await asyncio.open_connection(*address)
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"x")
+        await reader.readexactly(1)  # the connection is live, both ways
         await asyncio.wait_for(proxy.stop(), 5)  # Python >= 3.12: wait_closed() waits for connections
         writer.close()
+        await asyncio.sleep(0.05)
+    assert errors == []
 
 
 async def test_proxy_break_after_bytes_then_reconnect() -> None:
