@@ -65,8 +65,11 @@ def seal(key: str, env: Envelope) -> bytes:
     """Serialize ``env`` for storage under ``key``."""
     mid = env.model_id.encode()
     head = _HEAD.pack(MAGIC, VERSION, int(env.kind), env.codec_id, env.level, key_digest(key), len(mid))
-    data = b"".join((head, mid, _LEN.pack(len(env.body)), env.body))
-    return data + _SUM.pack(xxhash.xxh3_64_intdigest(data))
+    parts = (head, mid, _LEN.pack(len(env.body)), env.body)
+    digest = xxhash.xxh3_64()
+    for part in parts:
+        digest.update(part)
+    return b"".join((*parts, _SUM.pack(digest.intdigest())))  # one copy of the body, not two
 
 
 def open_envelope(key: str, record: bytes, expect: Kind | None = None) -> Envelope:

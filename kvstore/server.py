@@ -675,7 +675,8 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         if commit is None:
             raise _invalid("the stream ended without Commit; nothing was stored")
         chunks = [ChunkBlobs({}) for _ in hashes]
-        for (index, level, sidecar), asm in sorted(blobs.items()):
+        for index, level, sidecar in sorted(blobs):
+            asm = blobs.pop((index, level, sidecar))  # its buffer is freed once copied: one blob at a time
             if len(asm.buf) != asm.total:
                 what = f"sidecar {sidecar!r}" if sidecar else f"level {level}"
                 raise _invalid(f"chunk {index} {what}: got {len(asm.buf)} of {asm.total} bytes")

@@ -62,6 +62,7 @@ _SIDECAR_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CONTEXT_NAME = re.compile(r"[A-Za-z0-9._/@:+-]{1,200}")
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _MANIFEST_BATCH = 256
+_SEAL_BATCH_BYTES = 64 << 20  # blob bytes sealed (copied) and written per backend call during a put
 
 
 class InvalidRequest(ValueError):
@@ -539,9 +540,7 @@ class ChunkStore:
         new = [it for it, exists in zip(items, present, strict=True) if not exists]
         # Staged with a short TTL: the commit sets the real one; an upload refused there (quota) or
         # cut off leaves nothing that outlives STAGING_TTL_S.
-        await self.backend.put_many(
-            [(it.key, self._seal_blob(model, it)) for it in new], min(ttl_s, STAGING_TTL_S)
-        )
+        await self._put_blobs(model, new, min(ttl_s, STAGING_TTL_S))
         kept = {
             (it.chunk, it.level)
             for it, exists in zip(items, present, strict=True)
@@ -595,6 +594,20 @@ class ChunkStore:
             ],
             sidecars=sorted(set(old.sidecars if old else ()) | set(chunk.sidecars)),
         )
+
+    async def _put_blobs(self, model: ModelKey, items: Sequence[_BlobItem], ttl: float | None) -> None:
+        """Seal and write ``items`` a batch of at most ``_SEAL_BATCH_BYTES`` at a time: sealing copies each
+        blob, and sealing a whole upload at once doubled a front end's memory per upload."""
+        batch: list[tuple[str, bytes]] = []
+        size = 0
+        for it in items:
+            batch.append((it.key, self._seal_blob(model, it)))
+            size += len(it.data)
+            if size >= _SEAL_BATCH_BYTES:
+                await self.backend.put_many(batch, ttl)
+                batch, size = [], 0
+        if batch:
+            await self.backend.put_many(batch, ttl)
 
     @staticmethod
     def _seal_blob(model: ModelKey, item: _BlobItem) -> bytes:
@@ -676,12 +689,12 @@ class ChunkStore:
         # every blob the merged record lists (levels and sidecars a sharing context stored too: they must
         # not expire underneath this context) and of the blobs staged before the lease.
         present = await self.backend.exists_many([it.key for it in items])
-        gone: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
+        gone: dict[float | None, list[_BlobItem]] = defaultdict(list)
         for it, exists in zip(items, present, strict=True):
             if not exists:
-                gone[chunk_ttl[it.chunk]].append((it.key, self._seal_blob(model, it)))
-        for t, pairs in gone.items():
-            await self.backend.put_many(pairs, t)
+                gone[chunk_ttl[it.chunk]].append(it)
+        for t, lost in gone.items():
+            await self._put_blobs(model, lost, t)
         keep: dict[float | None, list[str]] = defaultdict(list)
         for h, rec, t in zip(hashes, records, chunk_ttl, strict=True):
             keep[t] += [blob_key(ns, h, lv.level) for lv in rec.levels]
