@@ -34,7 +34,7 @@ import xxhash
 
 import codec
 from client.api import prefix_route_key, rendezvous_order
-from deploy.launch import ServerProcess
+from deploy.launch import ServerProcess, stop_on_sigterm
 from deploy.redis_cluster import LocalCluster, redis_cluster
 from kvstore.keys import ModelKey
 from kvstore.rpc import pb, pb_grpc
@@ -326,7 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the JSON report to this file")
     args = ap.parse_args(argv)
-    report = asyncio.run(soak(args))
+    stop_on_sigterm()  # `kill` must stop the Redis nodes and front ends it started, like Ctrl-C
+    try:
+        report = asyncio.run(soak(args))
+    except KeyboardInterrupt:
+        print("soak: interrupted; everything it started was stopped", file=sys.stderr)
+        return 130
     text = json.dumps(report, indent=2)
     if args.json:
         with open(args.json, "w") as f:

@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import codec
 from client import KVCacheClient
-from deploy.launch import ServerProcess, free_port
+from deploy.launch import ServerProcess, free_port, stop_on_sigterm
 from deploy.redis_cluster import LocalCluster, start_cluster
 from kvstore.keys import ModelKey
 
@@ -208,10 +208,6 @@ def _state(cluster: LocalCluster, front_ends: Sequence[FrontEnd]) -> dict[str, A
     }
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deploy.cluster_demo", description=__doc__.splitlines()[0])
     ap.add_argument("--front-ends", type=int, default=3, help="kvstore serve processes (default 3)")
@@ -227,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.seconds <= 7 * 86400:
         ap.error("--seconds must be in [0, 604800]")
 
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
+    stop_on_sigterm()  # `kill` stops as cleanly as Ctrl-C
     cluster: LocalCluster | None = None
     front_ends: list[FrontEnd] = []
     state: dict[str, Any] = {}

@@ -17,6 +17,15 @@ from collections.abc import Sequence
 from types import TracebackType
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so launchers' ``finally`` blocks stop what they started."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -21,7 +21,6 @@ import atexit
 import contextlib
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+from deploy.launch import stop_on_sigterm
 
 HOST = "127.0.0.1"
 N_SLOTS = 16384
@@ -305,10 +306,6 @@ def _stop_leftovers() -> None:
         srv.stop()
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Run a local Redis (Cluster) on loopback until Ctrl-C.")
     ap.add_argument("--single", action="store_true", help="one server instead of a cluster")
@@ -316,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--maxmemory", default=None, help="per node, e.g. 256mb")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # stop cleanly under `kill` too
+    stop_on_sigterm()  # `kill` stops as cleanly as Ctrl-C
     if args.single:
         ctx: contextlib.AbstractContextManager[RedisProcess | LocalCluster] = redis_server(
             maxmemory=args.maxmemory

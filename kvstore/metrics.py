@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from kvstore.envelope import Kind
+
 # Request latencies span sub-millisecond lookups to multi-second context streams.
 _LATENCY_BUCKETS = (
     0.0005,
@@ -26,6 +28,10 @@ _LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
+
+
+TRUNCATION_REASONS = ("deadline", "missing_or_corrupt")  # kvstream_streams_truncated_total{reason}
+REJECTION_REASONS = ("data_streams", "buffered_puts", "namespace_busy")  # kvstream_rejected_total{reason}
 
 
 class Metrics:
@@ -88,6 +94,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.backend_up = Gauge(
+            "kvstream_backend_up", "1 while the last backend health probe succeeded, else 0", registry=r
+        )
+        self.rejected = Counter(
+            "kvstream_rejected",
+            "Requests refused as UNAVAILABLE because this front end is busy (clients try another), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.store_used_bytes = Gauge("kvstream_store_used_bytes", "Bytes used by the backend", registry=r)
         self.store_keys = Gauge("kvstream_store_keys", "Keys held by the backend", registry=r)
         self.store_evictions = Gauge(
@@ -98,6 +113,14 @@ class Metrics:
             "Shard reads that failed or timed out and were served as misses (Redis Cluster)",
             registry=r,
         )
+        # Series that alerts compute increase()/rate() over exist from the start at 0: Prometheus takes
+        # a series' first sample as its baseline, so a counter born at 1 never shows an increase.
+        for kind in Kind:
+            self.corrupt_records.labels(kind.name.lower())
+        for reason in TRUNCATION_REASONS:
+            self.streams_truncated.labels(reason)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> tuple[object, int]:
         """Expose ``/metrics`` on ``addr:port`` (0 = any free port) in a daemon thread.

@@ -377,6 +377,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             yield
             return
         if self._data_streams >= self.config.max_data_streams:
+            self.metrics.rejected.labels("data_streams").inc()
             # UNAVAILABLE, not RESOURCE_EXHAUSTED: the cap is this front end's, and clients move on to
             # another front end (or back off) after UNAVAILABLE only.
             raise RpcFailure(
@@ -444,6 +445,8 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             raise
         except Exception as exc:
             self._unexpected(method, exc)
+            if isinstance(exc, NamespaceBusy):
+                self.metrics.rejected.labels("namespace_busy").inc()
             code, message = status_of(exc)
             await context.abort(code, message)
         finally:
@@ -660,6 +663,7 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
                     if call.bytes_in > self.config.max_buffered_put_bytes:  # would never fit
                         raise LimitExceeded(busy)
                     # Other uploads fill it: UNAVAILABLE sends the client on to another front end.
+                    self.metrics.rejected.labels("buffered_puts").inc()
                     raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"front end busy: {busy}")
                 if call.bytes_in > self.config.max_put_bytes:
                     raise LimitExceeded(f"PutChunks carries more than {self.config.max_put_bytes} bytes")
@@ -1093,10 +1097,12 @@ class KVStreamServer:
             self.metrics.store_evictions.set(stats.evictions)
             self.metrics.store_partial_read_failures.set(stats.partial_read_failures)
             status = health_pb2.HealthCheckResponse.SERVING
+            self.metrics.backend_up.set(1)
         except Exception as e:  # noqa: BLE001 - anything a probe raises means the backend cannot serve
             reason = str(e) or f"{type(e).__name__} (no answer within the probe timeout)"
             log.warning("health backend=%s status=NOT_SERVING reason=%r", self.backend.name, reason)
             status = health_pb2.HealthCheckResponse.NOT_SERVING
+            self.metrics.backend_up.set(0)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 

@@ -173,6 +173,18 @@ def test_prometheus_scrapes_every_front_end(compose: dict[str, Any]) -> None:
     assert set(prom["rule_files"]) <= mounted
 
 
+def test_alerted_counters_exist_at_zero_from_the_start() -> None:
+    # increase()/rate() take a series' first sample as its baseline: one born at 1 never alerts.
+    registry = Metrics().registry
+    for name, label, values in (
+        ("kvstream_corrupt_records_total", "kind", ("chunk", "chunk_record", "manifest", "context_info")),
+        ("kvstream_streams_truncated_total", "reason", ("deadline", "missing_or_corrupt")),
+        ("kvstream_rejected_total", "reason", ("data_streams", "buffered_puts", "namespace_busy")),
+    ):
+        for value in values:
+            assert registry.get_sample_value(name, {label: value}) == 0.0, (name, value)
+
+
 def test_alerts_and_runbook_use_exported_metrics() -> None:
     exported = _exported_metric_names()
     rules = [r for g in _docs(PROMETHEUS / "alerts.yml")[0]["groups"] for r in g["rules"]]
@@ -264,9 +276,10 @@ def test_k8s_front_ends_match_server_settings(k8s: dict[tuple[str, str], dict[st
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["grpc"] == _port(config.listen) and config.listen.startswith("0.0.0.0:")
     assert ports["metrics"] == config.metrics_port and config.metrics_addr == "0.0.0.0"
-    for probe in ("startupProbe", "readinessProbe"):
-        assert c[probe]["grpc"]["port"] == ports["grpc"]
-    assert c["livenessProbe"]["tcpSocket"]["port"] in ("grpc", ports["grpc"])
+    # Only readiness follows the backend (gRPC health): a pod must not be restarted for a Redis outage.
+    assert c["readinessProbe"]["grpc"]["port"] == ports["grpc"]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["tcpSocket"]["port"] in ("grpc", ports["grpc"]), probe
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == config.metrics_port

@@ -562,6 +562,8 @@ async def test_concurrent_data_streams_are_capped() -> None:
                 with pytest.raises(KVStreamError) as err:
                     await attempt
                 assert err.value.code == Code.UNAVAILABLE and "max_data_streams" in err.value.message
+            registry = srv.metrics.registry  # busy refusals are told apart from backend trouble
+            assert registry.get_sample_value("kvstream_rejected_total", {"reason": "data_streams"}) == 2
             # With a second front end over the same store, a busy one is skipped.
             other = KVStreamServer(srv.config, backend=srv.backend)
             await other.start()
