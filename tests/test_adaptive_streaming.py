@@ -252,13 +252,20 @@ async def test_cut_stream_resumes_on_the_other_front_end_bit_exact(
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), report
 
 
+Context = tuple[ModelKey, list[int], list[dict[int, bytes]]]
+
+
+def _context(tokens: int, levels: tuple[int, ...] = (0,)) -> Context:
+    """A synthetic context of 64-token chunks: (model, token ids, blobs per chunk at ``levels``)."""
+    blobs = codec.encode_context(synthetic_context(tokens, 64, SHAPE), 64, levels)
+    return ModelKey("t", chunk_tokens=64), token_ids(tokens, 0), blobs
+
+
 async def test_failover_never_hides_a_shorter_prefix_or_invents_a_missing_one(
     two_front_ends: tuple[KVStreamServer, KVStreamServer],
 ) -> None:
     fe1, fe2 = two_front_ends
-    model = ModelKey("t", chunk_tokens=64)
-    ids = token_ids(768, 0)
-    blobs = codec.encode_context(synthetic_context(768, 64, SHAPE), 64, (0,))
+    model, ids, blobs = _context(768)
     async with AsyncKVCacheClient(fe1.address) as c:
         await c.store(model, ids, blobs=blobs)
     async with AsyncKVCacheClient(fe2.address) as c:  # the second front end sees only 4 chunks
@@ -282,9 +289,7 @@ async def test_a_short_stream_returns_its_verified_prefix_as_one_compact_tensor(
     two_front_ends: tuple[KVStreamServer, KVStreamServer],
 ) -> None:
     srv, _ = two_front_ends
-    model = ModelKey("t", chunk_tokens=64)
-    ids = token_ids(512, 0)
-    blobs = codec.encode_context(synthetic_context(512, 64, SHAPE), 64, (0,))
+    model, ids, blobs = _context(512)
     async with AsyncKVCacheClient(srv.address) as c:
         await c.store(model, ids, blobs=blobs)
         full = await c.fetch(model, ids, level=0)
