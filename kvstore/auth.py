@@ -70,8 +70,9 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
 class TokenTable:
     """The tenants of a token file, looked up by token digest."""
 
-    def __init__(self, entries: Sequence[tuple[bytes, Tenant]]) -> None:
-        if not entries:
+    def __init__(self, entries: Sequence[tuple[bytes, Tenant]], allow_empty: bool = False) -> None:
+        # At startup an empty table is a mistake; on reload it is how the last token is revoked.
+        if not entries and not allow_empty:
             raise ValueError("the token table is empty: every request would be rejected")
         digests = [d for d, _ in entries]
         if len(set(digests)) != len(digests):
@@ -96,7 +97,7 @@ class TokenTable:
         return None if token is None else self.lookup(token)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> TokenTable:
+    def from_file(cls, path: str | Path, allow_empty: bool = False) -> TokenTable:
         """Load a token file (YAML or line format, see the module docstring); raises ``ValueError``."""
         text = Path(path).read_text()
         try:
@@ -118,7 +119,7 @@ class TokenTable:
                 if len(fields) not in (2, 3):
                     raise ValueError(f"{path}:{n}: expected 'TOKEN NAMESPACE[,NAMESPACE...] [QUOTA]'")
                 entries.append(_line_entry(fields, f"{path}:{n}"))
-        return cls(entries)
+        return cls(entries, allow_empty)
 
 
 def _digest_of(token: str, where: str) -> bytes:

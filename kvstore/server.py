@@ -1034,13 +1034,15 @@ class KVStreamServer:
         if self._servicer is None:
             return False
         try:
-            tokens = TokenTable.from_file(path)
+            tokens = TokenTable.from_file(path, allow_empty=True)  # emptied: every token revoked
         except (OSError, ValueError) as e:
             kept = len(self._servicer.tokens or ())
             log.error("reload tokens=%s failed, keeping the previous %d tokens: %s", path, kept, e)
             return False
         self._servicer.tokens = tokens
         log.info("reload tokens=%s entries=%d", path, len(tokens))
+        if not len(tokens):
+            log.warning("reload tokens=%s lists no token: every request is rejected until it does", path)
         return True
 
     async def start(self) -> None:

@@ -329,6 +329,8 @@ async def test_sighup_reloads_the_token_file(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         assert "keeping the previous 1 tokens" in srv.log_tail()
         assert await code_with(TOKEN_B) is None and await code_with(TOKEN_A) == Code.UNAUTHENTICATED
+        tokens.write_text("# every token revoked\n")  # an emptied file revokes the last token too
+        await after_sighup(TOKEN_B, Code.UNAUTHENTICATED)
 
 
 # ----- quotas -------------------------------------------------------------------------------------------
