@@ -523,6 +523,7 @@ class ChunkStore:
             raise InvalidRequest(f"no full chunk: need at least {model.chunk_tokens} token ids")
         if name:
             check_context_name(name)
+        check_metadata(metadata or {})
         if ttl is not None and ttl < 0:
             raise InvalidRequest(f"ttl must be >= 0, got {ttl}")
         self._check_chunks(model, len(hashes), chunks)
@@ -547,9 +548,13 @@ class ChunkStore:
             if exists and not it.sidecar
         }
         async with self.namespace_lease(ns):
-            dedup, rewritten = await self._commit(
-                model, token_ids, hashes, chunks, items, kept, ttl, pin, name, metadata, byte_budget
-            )
+            try:
+                dedup, rewritten = await self._commit(
+                    model, token_ids, hashes, chunks, items, kept, ttl, pin, name, metadata, byte_budget
+                )
+            except (QuotaExceeded, InvalidRequest):  # refused before writing anything under the lease
+                await self._drop_unreferenced(ns, hashes, new)
+                raise
         n = model.chunk_tokens
         written = sum(len(it.data) for it in new) + rewritten
         return PutResult(hashes[-1], len(hashes), len(hashes) * n, written, dedup)
@@ -594,6 +599,21 @@ class ChunkStore:
             ],
             sidecars=sorted(set(old.sidecars if old else ()) | set(chunk.sidecars)),
         )
+
+    async def _drop_unreferenced(self, ns: str, hashes: Sequence[bytes], staged: Sequence[_BlobItem]) -> None:
+        """Delete the blobs a refused put staged that no committed record lists (under the lease, so no
+        commit can start using one meanwhile; a put still waiting rewrites what it finds missing)."""
+        records = await self._records(ns, hashes)
+        orphans = []
+        for it in staged:
+            rec = records[it.chunk]
+            listed = rec is not None and (
+                it.sidecar in rec.sidecars if it.sidecar else any(lv.level == it.level for lv in rec.levels)
+            )
+            if not listed:
+                orphans.append(it.key)
+        if orphans:
+            await self.backend.delete_many(orphans)
 
     async def _put_blobs(self, model: ModelKey, items: Sequence[_BlobItem], ttl: float | None) -> None:
         """Seal and write ``items`` a batch of at most ``_SEAL_BATCH_BYTES`` at a time: sealing copies each
@@ -646,6 +666,8 @@ class ChunkStore:
         ctx = hashes[-1]
         man_key = manifest_key(ns, ctx)
         old_man, old_recs = await self._stored_state(model, hashes)
+        merged_metadata = {**(old_man.info.metadata if old_man else {}), **(metadata or {})}
+        check_metadata(merged_metadata)  # before anything is written under the lease
         pin = pin or (old_man is not None and old_man.info.pinned)  # re-putting never unpins
         pin_sets = await _gather_bounded(self.backend.set_members(pins_key(ns, h)) for h in hashes)
         left = await _gather_bounded(
@@ -740,7 +762,7 @@ class ChunkStore:
                 ttl_seconds=-1.0 if pin and not ttl else ttl_s,
                 created_unix=old_man.info.created_unix if old_man else time.time(),
                 # a re-put (a retry, one more level) keeps what it does not restate
-                metadata={**(old_man.info.metadata if old_man else {}), **(metadata or {})},
+                metadata=merged_metadata,
             ),
             chunk_hashes=hashes,
             token_ids=token_array(token_ids)[: len(hashes) * n].tolist(),
@@ -1108,6 +1130,20 @@ class ChunkStore:
 def check_sidecar_name(name: str) -> None:
     if not _SIDECAR_NAME.fullmatch(name):
         raise InvalidRequest(f"sidecar name {name!r}: use 1-64 characters from [A-Za-z0-9._-]")
+
+
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_BYTES = 16 << 10  # keys and values, UTF-8: every List answer carries them
+
+
+def check_metadata(metadata: Mapping[str, str]) -> None:
+    """Metadata is a small label set, not storage: it is neither counted by quotas nor paged by List."""
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+    if len(metadata) > MAX_METADATA_ENTRIES or size > MAX_METADATA_BYTES:
+        raise InvalidRequest(
+            f"context metadata holds {len(metadata)} entries / {size} bytes (with what the context already "
+            f"has); the limit is {MAX_METADATA_ENTRIES} entries / {MAX_METADATA_BYTES} bytes"
+        )
 
 
 def check_context_name(name: str) -> None:

@@ -17,6 +17,8 @@ from kvstore.envelope import Envelope, Kind, open_envelope, seal
 from kvstore.keys import ModelKey, chunk_hashes
 from kvstore.rpc import pb
 from kvstore.store import (
+    MAX_METADATA_BYTES,
+    MAX_METADATA_ENTRIES,
     STAGING_TTL_S,
     ChunkBlobs,
     ChunkStore,
@@ -458,9 +460,10 @@ async def test_a_shared_chunk_keeps_every_level_its_record_lists(store: ChunkSto
         assert await backend.get_ttl(key) is None, key
 
 
-async def test_blobs_of_a_refused_put_expire_soon(store: ChunkStore, model: ModelKey) -> None:
-    # Written before the lease, refused under it (a second quota check): staged with a short TTL, so
-    # concurrent over-quota uploads cannot park bytes for the TTL the tenant asked for.
+async def test_a_refused_put_leaves_no_blobs(store: ChunkStore, model: ModelKey) -> None:
+    # Blobs are written before the lease and the quota is checked again under it: concurrent uploads
+    # that lose that check must not park their bytes (they are deleted, and staged with a short TTL in
+    # case the front end dies before it can).
     ids = list(range(2 * N))
     calls = 0
 
@@ -469,15 +472,36 @@ async def test_blobs_of_a_refused_put_expire_soon(store: ChunkStore, model: Mode
         calls += 1
         return 1 << 30 if calls == 1 else 0
 
+    staged: list[float | None] = []
+    real_put_many = store.backend.put_many
+
+    async def spy(items: Sequence[tuple[str, bytes]], ttl: float | None) -> None:
+        staged.append(ttl)
+        await real_put_many(items, ttl)
+
+    store.backend.put_many = spy  # type: ignore[method-assign]
     with pytest.raises(QuotaExceeded):
         await store.put(model, ids, _blobs(_kv(2 * N)), ttl=10**9, byte_budget=budget)
-    blobs = await _keys(store.backend, model, "L0")
-    assert len(blobs) == 2 and not await _keys(store.backend, model, "man")
-    for key in blobs:
-        assert 0 < (await store.backend.get_ttl(key) or 0) <= STAGING_TTL_S
-    await store.put(model, ids, _blobs(_kv(2 * N)), ttl=10**6)  # a put that commits sets the real TTL
-    for key in blobs:
+    store.backend.put_many = real_put_many  # type: ignore[method-assign]
+    assert staged == [STAGING_TTL_S] and await _keys(store.backend, model) == []
+    # A blob a committed context lists is never taken: a refused re-put adding level 2 keeps level 0.
+    await store.put(model, ids, _blobs(_kv(2 * N)), ttl=10**6)
+    calls = 0
+    with pytest.raises(QuotaExceeded):
+        await store.put(model, ids, _blobs(_kv(2 * N), (0, 2)), byte_budget=budget)
+    assert len(await _keys(store.backend, model, "L0")) == 2 and not await _keys(store.backend, model, "L2")
+    for key in await _keys(store.backend, model, "L0"):
         assert (await store.backend.get_ttl(key) or 0) > 10**6 - 100
+
+
+async def test_metadata_is_a_bounded_label_set(store: ChunkStore, model: ModelKey) -> None:
+    ids = list(range(N))
+    with pytest.raises(InvalidRequest, match="metadata"):
+        await store.put(model, ids, _blobs(_kv(N)), metadata={"k": "v" * MAX_METADATA_BYTES})
+    await store.put(model, ids, _blobs(_kv(N)), metadata={f"k{i}": "v" for i in range(MAX_METADATA_ENTRIES)})
+    with pytest.raises(InvalidRequest, match="with what the context already has"):  # re-puts add up
+        await store.put(model, ids, _blobs(_kv(N)), metadata={"one-more": "v"})
+    assert len((await store.get_context(model, ContextQuery(token_ids=ids))).metadata) == MAX_METADATA_ENTRIES
 
 
 async def test_a_reput_adds_to_the_manifest_and_a_budget_refuses_before_writing(
