@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 import time
@@ -9,9 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 
 from client.model import Llama2c
-from client.sparse import SidecarError, SparseIndex, alisa, budget_tokens, get_backend, list_backends
+from client.sparse import SidecarError, SparseIndex, alisa, budget_tokens, get_backend, list_backends, sidecar
 from client.sparse.base import FetchStats, SelectionCache, SparseBackend
 from client.sparse.eval import attention_metrics
 from client.sparse.prefetch import HostStore, Prefetcher
@@ -233,6 +235,35 @@ def test_sidecar_rejects_corruption(real: dict[str, Any]) -> None:
         SparseIndex("mystery", {}, {}).to_bytes()
     with pytest.raises(ValueError, match="built by"):
         get_backend("pqcache", 0.1).prefill(real["kv"][:, :, :T_CTX], index=index)
+
+
+def _forged_sidecar(header: bytes, payload: bytes = b"") -> bytes:
+    """A sidecar with a valid frame and checksum around ``header`` (JSON text): only its content is bad."""
+    body = sidecar._FIXED.pack(
+        sidecar.MAGIC, sidecar.FORMAT_VERSION, sidecar.BACKEND_IDS["clusterkv"], 0, len(header), len(payload)
+    )
+    body += header + payload
+    return body + sidecar._CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def test_sidecar_rejects_forged_headers() -> None:
+    entry = {"name": "x", "dtype": "uint8", "shape": [8], "offset": 0, "nbytes": 8}
+    cases = {
+        "not valid JSON": b"[" * 100_000 + b"]" * 100_000,  # deep nesting: RecursionError in json
+        "JSON scalars": json.dumps({"backend": "clusterkv", "params": {"t": [1, 2]}, "tensors": []}).encode(),
+        "twice": json.dumps({"backend": "clusterkv", "params": {}, "tensors": [entry, entry]}).encode(),
+    }
+    for needle, header in cases.items():
+        with pytest.raises(SidecarError, match=needle):
+            SparseIndex.from_bytes(_forged_sidecar(header, bytes(8)))
+
+
+def test_edge_shapes_get_a_clamped_sink_or_a_clear_error() -> None:
+    kv = torch.randn(1, 2, 4, 2, 8)
+    for t in (3, 4):  # a context no longer than the sink: clamped when built and when checked
+        get_backend("clusterkv", 1.0, sink=4).prefill(kv[:, :, :t])
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        get_backend("shadowkv", 0.5, chunk=4, local_chunks=1).prefill(torch.randn(1, 2, 20, 2, 3))
 
 
 def test_prefetcher_overlaps_slow_fetch() -> None:

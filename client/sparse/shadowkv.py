@@ -116,6 +116,8 @@ class ShadowKVBackend(SparseBackend):
 
     def build_index(self, kv: torch.Tensor, queries: torch.Tensor | None = None) -> SparseIndex:
         n_layers, _, t, n_kv, d = kv.shape
+        if d % 2:
+            raise ValueError(f"ShadowKV undoes RoPE on the keys: head_dim must be even, got {d}")
         c = self.chunk
         full = n_kv * d
         rank = min(t, full, self.rank if self.rank is not None else -(-160 * full // 1024))

@@ -153,10 +153,12 @@ def decode(blob: bytes | bytearray | memoryview) -> SparseIndex:
         raise SidecarError("sidecar checksum mismatch: corrupt data")
     try:
         header = json.loads(data[_FIXED.size : _FIXED.size + header_len].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SidecarError(f"sidecar header is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # a forged, deeply nested one
+        raise SidecarError(f"sidecar header is not valid JSON: {type(exc).__name__}") from None
     if not isinstance(header, dict) or not isinstance(header.get("params"), dict):
         raise SidecarError("sidecar header must be an object with params")
+    if not all(isinstance(v, int | float | str | bool) for v in header["params"].values()):
+        raise SidecarError("sidecar params must be JSON scalars (numbers, strings, booleans)")
     backend = header.get("backend")
     if BACKEND_IDS.get(str(backend)) != backend_id:
         raise SidecarError(f"backend {backend!r} does not match backend id {backend_id}")
@@ -167,6 +169,8 @@ def decode(blob: bytes | bytearray | memoryview) -> SparseIndex:
     tensors: dict[str, torch.Tensor] = {}
     for e in entries:
         name, dtype, shape, off, nbytes = _check_entry(e, payload_len)
+        if name in tensors:
+            raise SidecarError(f"sidecar lists tensor {name!r} twice")
         raw = bytearray(payload[off : off + nbytes])
         tensors[name] = (
             torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
