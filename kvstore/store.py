@@ -773,7 +773,54 @@ class ChunkStore:
             await self.backend.put(nk, seal(nk, Envelope(Kind.NAME_INDEX, model.model_id, ctx)), man_ttl)
         if old_man is not None and old_man.info.name and old_man.info.name != name:  # renamed
             await self._drop_name(ns, old_man.info.name, ctx)
+        await self._charge_sharers(ns, ctx, hashes, old_recs, records, chunks)
         return sum(1 for r in old_recs if r is not None), rewritten
+
+    async def _charge_sharers(
+        self,
+        ns: str,
+        ctx: bytes,
+        hashes: Sequence[bytes],
+        old_recs: Sequence[pb.ChunkInfo | None],
+        records: Sequence[pb.ChunkInfo],
+        chunks: Sequence[ChunkBlobs],
+    ) -> None:
+        """Add the levels and sidecars this put added to chunks other contexts share to those contexts'
+        manifests: they can read them now, and the namespace quota must still count them once this
+        context is deleted (the chunks stay for the others). Under the namespace lease."""
+        added: dict[int, tuple[dict[int, int], int]] = {}  # chunk -> (bytes per new level, new sidecar bytes)
+        for i, (old, rec, chunk) in enumerate(zip(old_recs, records, chunks, strict=True)):
+            if old is None:
+                continue
+            had = {lv.level for lv in old.levels}
+            levels = {lv.level: lv.size_bytes for lv in rec.levels if lv.level not in had}
+            sidecars = sum(len(d) for name, d in chunk.sidecars.items() if name not in old.sidecars)
+            if levels or sidecars:
+                added[i] = (levels, sidecars)
+        if not added:
+            return
+        sharers = await _gather_bounded(self.backend.set_members(refs_key(ns, hashes[i])) for i in added)
+        level_delta: dict[bytes, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        total_delta: dict[bytes, int] = defaultdict(int)
+        for (levels, sidecars), refs in zip(added.values(), sharers, strict=True):
+            for other in refs - {ctx}:
+                for lv, size in levels.items():
+                    level_delta[other][lv] += size
+                total_delta[other] += sum(levels.values()) + sidecars
+        for other, extra in total_delta.items():
+            key = manifest_key(ns, other)
+            man = self._parse_manifest(key, await self.backend.get(key))
+            left = await self._expiry(key)
+            if man is None or left <= 0:  # expired or deleted meanwhile
+                continue
+            sizes = {lv.level: lv.size_bytes for lv in man.info.level_bytes}
+            for lv, size in level_delta[other].items():
+                sizes[lv] = sizes.get(lv, 0) + size
+            del man.info.level_bytes[:]
+            merged = [pb.LevelInfo(level=lv, size_bytes=n) for lv, n in sorted(sizes.items())]
+            man.info.level_bytes.extend(merged)
+            man.info.total_bytes += extra
+            await self._put_manifest(ns, man, None if left == math.inf else left)
 
     # ----- lookup and reads -------------------------------------------------------------------
 

@@ -504,6 +504,26 @@ async def test_metadata_is_a_bounded_label_set(store: ChunkStore, model: ModelKe
     assert len((await store.get_context(model, ContextQuery(token_ids=ids))).metadata) == MAX_METADATA_ENTRIES
 
 
+async def test_what_a_context_adds_to_shared_chunks_counts_for_every_sharer(
+    store: ChunkStore, model: ModelKey
+) -> None:
+    # Quotas add up each context's bytes: what b adds to a chunk it shares with a stays when b is
+    # deleted (a still holds the chunk), so it must be in a's total too, or a tenant could grow its
+    # namespace without bound by putting and deleting such contexts.
+    a_ids, b_ids = list(range(N)), list(range(2 * N))
+    kv = _kv(2 * N)
+    await store.put(model, a_ids, _blobs(kv[:, :, :N], (4,)))
+    before = (await store.get_context(model, ContextQuery(token_ids=a_ids))).total_bytes
+    b_blobs = _blobs(kv, (0,))
+    b_blobs[0] = ChunkBlobs(b_blobs[0].levels, {"idx": b"S" * 2500})
+    await store.put(model, b_ids, b_blobs)
+    await store.delete(model, ContextQuery(token_ids=b_ids))
+    a = await store.get_context(model, ContextQuery(token_ids=a_ids))
+    assert a.total_bytes == before + len(b_blobs[0].levels[0]) + 2500
+    assert {lv.level for lv in a.level_bytes} == {0, 4}
+    assert sum(i.total_bytes for i in await store.context_infos(model.namespace)) == a.total_bytes
+
+
 async def test_a_reput_adds_to_the_manifest_and_a_budget_refuses_before_writing(
     store: ChunkStore, model: ModelKey
 ) -> None:
