@@ -807,12 +807,13 @@ class ChunkStore:
                 for lv, size in levels.items():
                     level_delta[other][lv] += size
                 total_delta[other] += sum(levels.values()) + sidecars
-        for other, extra in total_delta.items():
+
+        async def charge(other: bytes, extra: int) -> None:
             key = manifest_key(ns, other)
             man = self._parse_manifest(key, await self.backend.get(key))
             left = await self._expiry(key)
             if man is None or left <= 0:  # expired or deleted meanwhile
-                continue
+                return
             sizes = {lv.level: lv.size_bytes for lv in man.info.level_bytes}
             for lv, size in level_delta[other].items():
                 sizes[lv] = sizes.get(lv, 0) + size
@@ -821,6 +822,9 @@ class ChunkStore:
             man.info.level_bytes.extend(merged)
             man.info.total_bytes += extra
             await self._put_manifest(ns, man, None if left == math.inf else left)
+
+        # A popular prefix chunk may be shared by thousands of contexts: bounded concurrency.
+        await _gather_bounded(charge(other, extra) for other, extra in total_delta.items())
 
     # ----- lookup and reads -------------------------------------------------------------------
 
