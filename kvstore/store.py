@@ -34,7 +34,7 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -44,6 +44,7 @@ import xxhash
 
 import codec
 from kvstore.backends.base import BackendError, BackendFull, StorageBackend
+from kvstore.envelope import VERSION as ENVELOPE_VERSION
 from kvstore.envelope import CorruptRecord, Envelope, Kind, open_envelope, seal
 from kvstore.hotcache import HotChunkCache
 from kvstore.keys import DEFAULT_NAMESPACE, HASH_BYTES, InvalidKeyError, ModelKey, chunk_hashes, token_array
@@ -159,6 +160,28 @@ def _chunk_keys(ns: str, chunk_hash: bytes, sidecars: Iterable[str]) -> list[str
     keys = [blob_key(ns, chunk_hash, lv) for lv in codec.LEVELS]
     keys += [sidecar_key(ns, chunk_hash, s) for s in sidecars]
     return [*keys, record_key(ns, chunk_hash), refs_key(ns, chunk_hash), pins_key(ns, chunk_hash)]
+
+
+def _batches(items: Sequence[_BlobItem]) -> Iterator[list[_BlobItem]]:
+    """``items`` in runs of at most ``_SEAL_BATCH_BYTES`` of blob data (at least one item each)."""
+    batch: list[_BlobItem] = []
+    size = 0
+    for it in items:
+        batch.append(it)
+        size += len(it.data)
+        if size >= _SEAL_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _counted_manifest(
+    old_man: pb.Manifest | None, old_recs: Sequence[pb.ChunkInfo | None]
+) -> pb.Manifest | None:
+    """The stored manifest whose byte counts a put builds on; None (count afresh) when some of its chunks
+    are gone (expired, or freed by a delete cut short): its sidecar share no longer describes them."""
+    return None if old_man is None or any(r is None for r in old_recs) else old_man
 
 
 def _context_bytes(
@@ -534,14 +557,15 @@ class ChunkStore:
                 self._merged_record(model, i, h, ch, old, set())
                 for i, (h, ch, old) in enumerate(zip(hashes, chunks, old_recs, strict=True))
             ]
-            await _check_budget(_context_bytes(old_man, old_recs, chunks, records)[1], byte_budget)
+            counted = _counted_manifest(old_man, old_recs)
+            await _check_budget(_context_bytes(counted, old_recs, chunks, records)[1], byte_budget)
 
         items = _blob_items(ns, hashes, chunks)
         present = await self.backend.exists_many([it.key for it in items])
-        new = [it for it, exists in zip(items, present, strict=True) if not exists]
         # Staged with a short TTL: the commit sets the real one; an upload refused there (quota) or
         # cut off leaves nothing that outlives STAGING_TTL_S.
-        await self._put_blobs(model, new, min(ttl_s, STAGING_TTL_S))
+        missing = [it for it, exists in zip(items, present, strict=True) if not exists]
+        new = await self._stage_blobs(model, missing, min(ttl_s, STAGING_TTL_S))
         kept = {
             (it.chunk, it.level)
             for it, exists in zip(items, present, strict=True)
@@ -618,16 +642,21 @@ class ChunkStore:
     async def _put_blobs(self, model: ModelKey, items: Sequence[_BlobItem], ttl: float | None) -> None:
         """Seal and write ``items`` a batch of at most ``_SEAL_BATCH_BYTES`` at a time: sealing copies each
         blob, and sealing a whole upload at once doubled a front end's memory per upload."""
-        batch: list[tuple[str, bytes]] = []
-        size = 0
-        for it in items:
-            batch.append((it.key, self._seal_blob(model, it)))
-            size += len(it.data)
-            if size >= _SEAL_BATCH_BYTES:
-                await self.backend.put_many(batch, ttl)
-                batch, size = [], 0
-        if batch:
-            await self.backend.put_many(batch, ttl)
+        for batch in _batches(items):
+            await self.backend.put_many([(it.key, self._seal_blob(model, it)) for it in batch], ttl)
+
+    async def _stage_blobs(self, model: ModelKey, items: Sequence[_BlobItem], ttl: float) -> list[_BlobItem]:
+        """Write the blobs of ``items`` that do not exist yet (never overwriting one: a blob another put
+        committed meanwhile keeps its TTL); returns those this call wrote."""
+        written: list[_BlobItem] = []
+        for batch in _batches(items):
+
+            async def stage(it: _BlobItem) -> bool:
+                return await self.backend.put_if_absent(it.key, self._seal_blob(model, it), ttl)
+
+            done = await _gather_bounded(stage(it) for it in batch)
+            written += [it for it, ok in zip(batch, done, strict=True) if ok]
+        return written
 
     @staticmethod
     def _seal_blob(model: ModelKey, item: _BlobItem) -> bytes:
@@ -666,8 +695,10 @@ class ChunkStore:
         ctx = hashes[-1]
         man_key = manifest_key(ns, ctx)
         old_man, old_recs = await self._stored_state(model, hashes)
-        merged_metadata = {**(old_man.info.metadata if old_man else {}), **(metadata or {})}
-        check_metadata(merged_metadata)  # before anything is written under the lease
+        old_metadata = dict(old_man.info.metadata) if old_man else {}
+        merged_metadata = {**old_metadata, **(metadata or {})}
+        if merged_metadata != old_metadata:  # labels stored before the limit existed stay re-puttable
+            check_metadata(merged_metadata)  # before anything is written under the lease
         pin = pin or (old_man is not None and old_man.info.pinned)  # re-putting never unpins
         pin_sets = await _gather_bounded(self.backend.set_members(pins_key(ns, h)) for h in hashes)
         left = await _gather_bounded(
@@ -690,9 +721,8 @@ class ChunkStore:
             for i, (h, ch, old) in enumerate(zip(hashes, chunks, old_recs, strict=True))
         ]
         shared = 0
-        if (
-            old_man is None
-        ):  # sidecars a sharing context left in these chunks become readable through this one
+        counted = _counted_manifest(old_man, old_recs)
+        if counted is None:  # sidecars a sharing context left in these chunks are readable through this one
             keys = [
                 sidecar_key(ns, h, name)
                 for h, ch, old in zip(hashes, chunks, old_recs, strict=True)
@@ -703,7 +733,7 @@ class ChunkStore:
             for key, raw in zip(keys, await self.backend.get_many(keys) if keys else [], strict=True):
                 env = self._open(key, raw, Kind.SIDECAR)
                 shared += len(env.body) if env is not None else 0
-        level_bytes, total_bytes = _context_bytes(old_man, old_recs, chunks, records, shared)
+        level_bytes, total_bytes = _context_bytes(counted, old_recs, chunks, records, shared)
         if byte_budget is not None:
             await _check_budget(total_bytes, byte_budget)
 
@@ -731,6 +761,10 @@ class ChunkStore:
         )
         if pin:
             await _gather_bounded(self.backend.set_add(pins_key(ns, h), [ctx], None) for h in hashes)
+
+        # Before the records that make the additions visible: a commit cut short after charging and
+        # retried charges twice (conservative); one cut short after the records would never charge.
+        await self._charge_sharers(ns, ctx, hashes, old_recs, records, chunks)
 
         # 3. chunk records, 4. manifest, 5. name.
         recs_by_ttl: dict[float | None, list[tuple[str, bytes]]] = defaultdict(list)
@@ -773,7 +807,6 @@ class ChunkStore:
             await self.backend.put(nk, seal(nk, Envelope(Kind.NAME_INDEX, model.model_id, ctx)), man_ttl)
         if old_man is not None and old_man.info.name and old_man.info.name != name:  # renamed
             await self._drop_name(ns, old_man.info.name, ctx)
-        await self._charge_sharers(ns, ctx, hashes, old_recs, records, chunks)
         return sum(1 for r in old_recs if r is not None), rewritten
 
     async def _charge_sharers(
@@ -902,7 +935,7 @@ class ChunkStore:
                 body = None
         self.metrics.chunk_reads.labels("hit" if body is not None else "corrupt").inc()
         if body is None:
-            await self._drop_corrupt(key)
+            await self._drop_corrupt(key, raw)
         # A read past the cache (an integrity scan) does not fill it: a scan would flush the hot set.
         if (
             cached
@@ -920,12 +953,20 @@ class ChunkStore:
         raw = await self.backend.get(key)
         env = self._open(key, raw, Kind.SIDECAR)
         if raw is not None and env is None:
-            await self._drop_corrupt(key)
+            await self._drop_corrupt(key, raw)
         return None if env is None else env.body
 
-    async def _drop_corrupt(self, key: str) -> None:
+    async def _drop_corrupt(self, key: str, raw: bytes) -> None:
         """Delete a blob that failed verification: puts skip blobs that exist, so only a missing one is
-        rewritten by the next upload of its context (the chunk is unusable either way)."""
+        rewritten by the next upload of its context (the chunk is unusable either way).
+
+        Only if the key still holds those bytes (another reader may have dropped it and a put rewritten
+        it meanwhile; backends have no compare-and-delete, so this narrows the window, it does not close
+        it), and never a record of a newer envelope version, which a newer front end can read."""
+        if len(raw) > 4 and raw[4] > ENVELOPE_VERSION:
+            return
+        if await self.backend.get(key) != raw:
+            return
         await self.backend.delete_many([key])
         self.hot_cache.discard(key)
         log.warning("corrupt blob deleted key=%s (the next put of its context rewrites it)", key)

@@ -262,6 +262,14 @@ async def test_a_corrupt_blob_is_rewritten_by_the_next_put(store: ChunkStore, mo
     assert await store.read_blob(model, look.chunks[1], 0, cached=False) is None  # found: dropped
     assert await store.backend.get(key) is None
     res = await store.put(model, ids, _blobs(kv))  # the producer uploads the context again
+    # A record of a newer envelope version is unreadable here but not corrupt: never deleted.
+    newer = bytearray(await store.backend.get(key) or b"")
+    newer[4] += 1
+    await store.backend.put_many([(key, bytes(newer))], 3600)
+    assert await store.read_blob(model, look.chunks[1], 0, cached=False) is None
+    assert await store.backend.get(key) == bytes(newer)
+    await store.backend.delete_many([key])
+    res = await store.put(model, ids, _blobs(kv))
     assert res.bytes_written == len(_blobs(kv)[1].levels[0])
     blob = await store.read_blob(model, (await store.lookup(model, ids)).chunks[1], 0)
     assert blob is not None and torch.equal(codec.decode(blob), kv[:, :, N:])
@@ -473,17 +481,18 @@ async def test_a_refused_put_leaves_no_blobs(store: ChunkStore, model: ModelKey)
         return 1 << 30 if calls == 1 else 0
 
     staged: list[float | None] = []
-    real_put_many = store.backend.put_many
+    real_put_if_absent = store.backend.put_if_absent
 
-    async def spy(items: Sequence[tuple[str, bytes]], ttl: float | None) -> None:
-        staged.append(ttl)
-        await real_put_many(items, ttl)
+    async def spy(key: str, value: bytes, ttl: float | None) -> bool:
+        if key.endswith(":L0"):
+            staged.append(ttl)
+        return await real_put_if_absent(key, value, ttl)
 
-    store.backend.put_many = spy  # type: ignore[method-assign]
+    store.backend.put_if_absent = spy  # type: ignore[method-assign]
     with pytest.raises(QuotaExceeded):
         await store.put(model, ids, _blobs(_kv(2 * N)), ttl=10**9, byte_budget=budget)
-    store.backend.put_many = real_put_many  # type: ignore[method-assign]
-    assert staged == [STAGING_TTL_S] and await _keys(store.backend, model) == []
+    store.backend.put_if_absent = real_put_if_absent  # type: ignore[method-assign]
+    assert staged == [STAGING_TTL_S] * 2 and await _keys(store.backend, model) == []
     # A blob a committed context lists is never taken: a refused re-put adding level 2 keeps level 0.
     await store.put(model, ids, _blobs(_kv(2 * N)), ttl=10**6)
     calls = 0
@@ -492,6 +501,64 @@ async def test_a_refused_put_leaves_no_blobs(store: ChunkStore, model: ModelKey)
     assert len(await _keys(store.backend, model, "L0")) == 2 and not await _keys(store.backend, model, "L2")
     for key in await _keys(store.backend, model, "L0"):
         assert (await store.backend.get_ttl(key) or 0) > 10**6 - 100
+
+
+async def test_a_refused_put_never_restages_a_committed_blob(store: ChunkStore, model: ModelKey) -> None:
+    # A put whose existence check ran before another put committed the same blob must not overwrite
+    # it: the write would replace a pinned (or long) TTL with the short staging one, and a refused
+    # commit would leave it so.
+    ids = list(range(2 * N))
+    await store.put(model, ids, _blobs(_kv(2 * N)), pin=True)
+    real_exists = store.backend.exists_many
+
+    async def stale_check(keys: Sequence[str]) -> list[bool]:  # "missing": the check ran earlier
+        return [False] * len(keys)
+
+    async def refuse() -> int:
+        return 0
+
+    store.backend.exists_many = stale_check  # type: ignore[method-assign]
+    with pytest.raises(QuotaExceeded):
+        await store.put(model, ids, _blobs(_kv(2 * N)), byte_budget=refuse)
+    store.backend.exists_many = real_exists  # type: ignore[method-assign]
+    for key in await _keys(store.backend, model, "L0"):
+        assert await store.backend.get_ttl(key) is None, key
+
+
+async def test_a_reput_after_a_delete_cut_short_counts_sidecars_once(
+    store: ChunkStore, model: ModelKey
+) -> None:
+    ids = list(range(3 * N))
+    blobs = [ChunkBlobs(c.levels, {"idx": b"S" * 1000}) for c in _blobs(_kv(3 * N))]
+    await store.put(model, ids, blobs)
+    total = (await store.get_context(model, ContextQuery(token_ids=ids))).total_bytes
+    real, calls = store.backend.set_remove, 0
+
+    async def flaky(key: str, members: Sequence[bytes]) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # chunk 0 is freed, then the backend fails
+            raise BackendError("connection reset (injected)")
+        return await real(key, members)
+
+    store.backend.set_remove = flaky  # type: ignore[method-assign]
+    with pytest.raises(BackendError):
+        await store.delete(model, ContextQuery(token_ids=ids))
+    store.backend.set_remove = real  # type: ignore[method-assign]
+    await store.put(model, ids, blobs)  # the producer stores it again
+    assert (await store.get_context(model, ContextQuery(token_ids=ids))).total_bytes == total
+
+
+async def test_labels_stored_before_the_limit_keep_the_context_re_puttable(
+    store: ChunkStore, model: ModelKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = list(range(N))
+    monkeypatch.setattr("kvstore.store.MAX_METADATA_ENTRIES", 200)  # an older release's limit
+    await store.put(model, ids, _blobs(_kv(N)), metadata={f"k{i}": "v" for i in range(100)})
+    monkeypatch.undo()
+    await store.put(model, ids, _blobs(_kv(N), (2,)))  # one more level, no new labels
+    with pytest.raises(InvalidRequest, match="metadata"):
+        await store.put(model, ids, _blobs(_kv(N)), metadata={"new": "label"})
 
 
 async def test_metadata_is_a_bounded_label_set(store: ChunkStore, model: ModelKey) -> None:
