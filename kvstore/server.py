@@ -433,7 +433,9 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             log.error("rpc method=%s unexpected error", method, exc_info=exc)
 
     @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, context: Any, data_stream: bool) -> AsyncIterator[_Call]:
+    async def _rpc(
+        self, method: str, context: Any, data_stream: bool, requests: Any = None
+    ) -> AsyncIterator[_Call]:
         """One RPC's frame, shared by unary and streaming handlers: admission (auth, stream cap), the
         mapping of exceptions to a status with a message, metrics and the per-request log line."""
         call, start, code = _Call(peer=context.peer()), time.perf_counter(), grpc.StatusCode.OK
@@ -448,6 +450,8 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
             if isinstance(exc, NamespaceBusy):
                 self.metrics.rejected.labels("namespace_busy").inc()
             code, message = status_of(exc)
+            if requests is not None:  # a client-streaming call: let the client finish writing first
+                await _drain(requests, _HALF_CLOSE_WAIT_S)
             await context.abort(code, message)
         finally:
             self._finish(method, code, start, call, context)
@@ -462,7 +466,8 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
         def deco(fn: Callable[..., Awaitable[Any]]) -> Any:
             @functools.wraps(fn)
             async def wrapper(self: KVStreamServicer, request: Any, context: Any) -> Any:
-                async with self._rpc(method, context, data_stream) as call:
+                requests = request if hasattr(request, "__aiter__") else None  # PutChunks' stream
+                async with self._rpc(method, context, data_stream, requests) as call:
                     async with asyncio.timeout(context.time_remaining()):
                         return await fn(self, request, context, call)
 
@@ -619,12 +624,8 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
 
     @_unary("PutChunks", data_stream=True)
     async def PutChunks(self, request_iterator: Any, context: Any, call: _Call) -> pb.PutChunksResponse:
-        it = request_iterator.__aiter__()
         try:
-            return await self._put_chunks(it, call)
-        except Exception:
-            await _drain(it, _HALF_CLOSE_WAIT_S)
-            raise
+            return await self._put_chunks(request_iterator.__aiter__(), call)
         finally:  # the call's blobs are freed: they no longer count against max_buffered_put_bytes
             self._buffered_put_bytes -= call.bytes_in
 
