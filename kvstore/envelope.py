@@ -72,6 +72,12 @@ def seal(key: str, env: Envelope) -> bytes:
     return b"".join((*parts, _SUM.pack(digest.intdigest())))  # one copy of the body, not two
 
 
+def is_newer_version(record: bytes) -> bool:
+    """True for a record of a later envelope version: unreadable here, but not corrupt."""
+    magic, version = _HEAD.unpack_from(record, 0)[:2] if len(record) >= _HEAD.size else (b"", 0)
+    return magic == MAGIC and version > VERSION
+
+
 def open_envelope(key: str, record: bytes, expect: Kind | None = None) -> Envelope:
     """Verify and parse a record read from ``key``; raises ``CorruptRecord``."""
     view = memoryview(record)

@@ -625,11 +625,12 @@ class KVStreamServicer(pb_grpc.KVStreamServicer):
     @_unary("PutChunks", data_stream=True)
     async def PutChunks(self, request_iterator: Any, context: Any, call: _Call) -> pb.PutChunksResponse:
         try:
-            return await self._put_chunks(request_iterator.__aiter__(), call)
+            return await self._put_chunks(request_iterator, call)
         finally:  # the call's blobs are freed: they no longer count against max_buffered_put_bytes
             self._buffered_put_bytes -= call.bytes_in
 
-    async def _put_chunks(self, it: Any, call: _Call) -> pb.PutChunksResponse:
+    async def _put_chunks(self, request_iterator: Any, call: _Call) -> pb.PutChunksResponse:
+        it = request_iterator.__aiter__()
         try:
             first = await it.__anext__()
         except StopAsyncIteration:

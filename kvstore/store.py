@@ -44,8 +44,7 @@ import xxhash
 
 import codec
 from kvstore.backends.base import BackendError, BackendFull, StorageBackend
-from kvstore.envelope import VERSION as ENVELOPE_VERSION
-from kvstore.envelope import CorruptRecord, Envelope, Kind, open_envelope, seal
+from kvstore.envelope import CorruptRecord, Envelope, Kind, is_newer_version, open_envelope, seal
 from kvstore.hotcache import HotChunkCache
 from kvstore.keys import DEFAULT_NAMESPACE, HASH_BYTES, InvalidKeyError, ModelKey, chunk_hashes, token_array
 from kvstore.metrics import Metrics
@@ -648,12 +647,12 @@ class ChunkStore:
     async def _stage_blobs(self, model: ModelKey, items: Sequence[_BlobItem], ttl: float) -> list[_BlobItem]:
         """Write the blobs of ``items`` that do not exist yet (never overwriting one: a blob another put
         committed meanwhile keeps its TTL); returns those this call wrote."""
+
+        async def stage(it: _BlobItem) -> bool:
+            return await self.backend.put_if_absent(it.key, self._seal_blob(model, it), ttl)
+
         written: list[_BlobItem] = []
         for batch in _batches(items):
-
-            async def stage(it: _BlobItem) -> bool:
-                return await self.backend.put_if_absent(it.key, self._seal_blob(model, it), ttl)
-
             done = await _gather_bounded(stage(it) for it in batch)
             written += [it for it, ok in zip(batch, done, strict=True) if ok]
         return written
@@ -963,7 +962,7 @@ class ChunkStore:
         Only if the key still holds those bytes (another reader may have dropped it and a put rewritten
         it meanwhile; backends have no compare-and-delete, so this narrows the window, it does not close
         it), and never a record of a newer envelope version, which a newer front end can read."""
-        if len(raw) > 4 and raw[4] > ENVELOPE_VERSION:
+        if is_newer_version(raw):
             return
         if await self.backend.get(key) != raw:
             return
