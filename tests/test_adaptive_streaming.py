@@ -211,17 +211,27 @@ async def two_front_ends() -> AsyncIterator[tuple[KVStreamServer, KVStreamServer
             await srv.stop(0)
 
 
+Context = tuple[ModelKey, list[int], list[dict[int, bytes]]]
+
+
+def _context(tokens: int, levels: tuple[int, ...] = (0,)) -> Context:
+    """A synthetic context of 64-token chunks: (model, token ids, blobs per chunk at ``levels``)."""
+    blobs = codec.encode_context(synthetic_context(tokens, 64, SHAPE), 64, levels)
+    return ModelKey("t", chunk_tokens=64), token_ids(tokens, 0), blobs
+
+
+async def _store_on(address: str, model: ModelKey, ids: list[int], blobs: list[dict[int, bytes]]) -> None:
+    async with AsyncKVCacheClient(address) as c:
+        await c.store(model, ids, blobs=blobs)
+
+
 async def test_cut_stream_resumes_on_the_other_front_end_bit_exact(
     two_front_ends: tuple[KVStreamServer, KVStreamServer],
 ) -> None:
     fe1, fe2 = two_front_ends
-    model = ModelKey("t", chunk_tokens=64)
-    kv = synthetic_context(768, 64, SHAPE)
-    ids = token_ids(768, 0)
-    blobs = codec.encode_context(kv, 64, codec.LEVELS)
+    model, ids, blobs = _context(768, codec.LEVELS)
     for srv in (fe1, fe2):  # the same context on both front ends (a shared store in production)
-        async with AsyncKVCacheClient(srv.address) as c:
-            await c.store(model, ids, blobs=blobs)
+        await _store_on(srv.address, model, ids, blobs)
     async with TcpProxy(("127.0.0.1", fe1.port)) as proxy:
         front1 = _address(proxy)
         async with AsyncKVCacheClient(fe2.address, part_bytes=64 << 10) as c:
@@ -252,24 +262,13 @@ async def test_cut_stream_resumes_on_the_other_front_end_bit_exact(
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), report
 
 
-Context = tuple[ModelKey, list[int], list[dict[int, bytes]]]
-
-
-def _context(tokens: int, levels: tuple[int, ...] = (0,)) -> Context:
-    """A synthetic context of 64-token chunks: (model, token ids, blobs per chunk at ``levels``)."""
-    blobs = codec.encode_context(synthetic_context(tokens, 64, SHAPE), 64, levels)
-    return ModelKey("t", chunk_tokens=64), token_ids(tokens, 0), blobs
-
-
 async def test_failover_never_hides_a_shorter_prefix_or_invents_a_missing_one(
     two_front_ends: tuple[KVStreamServer, KVStreamServer],
 ) -> None:
     fe1, fe2 = two_front_ends
     model, ids, blobs = _context(768)
-    async with AsyncKVCacheClient(fe1.address) as c:
-        await c.store(model, ids, blobs=blobs)
-    async with AsyncKVCacheClient(fe2.address) as c:  # the second front end sees only 4 chunks
-        await c.store(model, ids[:256], blobs=blobs[:4])
+    await _store_on(fe1.address, model, ids, blobs)
+    await _store_on(fe2.address, model, ids[:256], blobs[:4])  # the second front end sees only 4 chunks
     async with TcpProxy(("127.0.0.1", fe1.port)) as proxy:
         front1 = _address(proxy)
         # (1) Cut inside chunk 7; the other front end has 4: fewer than the 12 chunks announced arrive
